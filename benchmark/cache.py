@@ -1,0 +1,90 @@
+"""Content-addressed cache of tensors (protected data sets, zoo checkpoints, frozen features).
+
+Entries are safetensors files named by a hash of everything that made them, written atomically
+(temporary file + rename) with a checksum of their content in the header, and verified on read:
+a corrupt or truncated entry is reported, deleted and rebuilt, never trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+
+
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def save_atomic(path: Path, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> None:
+    """Write a safetensors file with a content checksum, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    header = {"sha256": tensor_digest(tensors), "meta": json.dumps(meta or {}, sort_keys=True)}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=header)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_verified(path: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """Load and verify a file written by ``save_atomic``; ``None`` (and a warning) if it is corrupt."""
+    if not path.is_file():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+        tensors = load_file(str(path))
+        if header.get("sha256") != tensor_digest(tensors):
+            raise ValueError("checksum mismatch")
+        return tensors, json.loads(header.get("meta", "{}"))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        log.warning("cache entry %s is corrupt (%s); rebuilding it", path.name, exc)
+        path.unlink(missing_ok=True)
+        return None
+
+
+class Cache:
+    """A folder of verified tensor files, one subfolder per kind (``protected``, ``zoo``, ...)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def path(self, kind: str, key: str) -> Path:
+        return self.root / kind / f"{key}.safetensors"
+
+    def get_or_build(self, kind: str, key: str,
+                     build: Callable[[], tuple[dict[str, torch.Tensor], dict]],
+                     ) -> tuple[dict[str, torch.Tensor], dict, bool]:
+        """Return (tensors, meta, hit). ``build`` runs only when there is no valid entry."""
+        path = self.path(kind, key)
+        loaded = load_verified(path)
+        if loaded is not None:
+            log.info("loaded %s %s from cache", kind, key)
+            return loaded[0], loaded[1], True
+        tensors, meta = build()
+        save_atomic(path, tensors, meta)
+        return tensors, meta, False

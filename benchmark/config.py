@@ -1,0 +1,125 @@
+"""Plugin specs on the command line and in presets: ``name`` or ``name:field=value,field=value``.
+
+Values are converted to the dataclass field's type (``8/255`` is accepted for floats). A configured
+plugin's *label* is its name plus the fields that differ from the protocol defaults (the dataclass
+defaults with the preset's overrides applied), e.g. ``random_noise(mode=class)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from typing import Any
+
+from benchmark.errors import UEBenchError
+from benchmark.registry import Registry
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """``'em:steps=10,mode=class'`` -> ``('em', {'steps': '10', 'mode': 'class'})``."""
+    spec = spec.strip()
+    # a dotted path 'pkg.mod:Class' may itself be followed by ':k=v'
+    head, sep, rest = spec.partition(":")
+    if sep and "." in head and rest and "=" not in rest.split(":", 1)[0]:
+        cls, sep2, rest = rest.partition(":")
+        head, sep = f"{head}:{cls}", sep2
+    if not head:
+        raise UEBenchError(f"empty plugin name in {spec!r}")
+    fields: dict[str, str] = {}
+    if sep and rest:
+        for item in rest.split(","):
+            key, eq, value = item.partition("=")
+            if not eq or not key.strip():
+                raise UEBenchError(f"bad override {item!r} in {spec!r}; expected field=value")
+            fields[key.strip()] = value.strip()
+    return head, fields
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    if not isinstance(value, str):
+        return value
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value.lower() in ("none", "null", ""):
+            return None
+        return _convert(value, args[0], where)
+    if origin is typing.Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise UEBenchError(f"{where}: {value!r} is not one of {list(choices)}")
+        return value
+    try:
+        if tp is bool:
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if tp is int:
+            return int(value)
+        if tp is float:
+            num, slash, den = value.partition("/")
+            return float(num) / float(den) if slash else float(value)
+    except (ValueError, ZeroDivisionError):
+        raise UEBenchError(f"{where}: cannot read {value!r} as {tp.__name__}") from None
+    return value
+
+
+def build(cls: type, overrides: dict[str, Any], where: str) -> Any:
+    """Instantiate a plugin dataclass with converted overrides; unknown fields list the valid ones."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise UEBenchError(f"{where}: unknown field {unknown[0]!r}; valid fields: {', '.join(sorted(fields))}")
+    kwargs = {k: _convert(v, hints[k], f"{where} field {k!r}") for k, v in overrides.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise UEBenchError(f"{where}: {exc}") from exc
+
+
+@dataclasses.dataclass(frozen=True)
+class Configured:
+    """A plugin instance together with its label."""
+
+    plugin: Any
+    label: str
+
+    @property
+    def name(self) -> str:
+        return type(self.plugin).name
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "version": type(self.plugin).version, **dataclasses.asdict(self.plugin)}
+
+
+def configure(registry: Registry, spec: str, protocol: dict[str, dict[str, Any]] | None = None) -> Configured:
+    """Resolve a spec: dataclass defaults < preset protocol (``protocol[name]``, then ``protocol['*']``)
+    < the spec's own fields. The label shows the spec fields that differ from the protocol."""
+    name, fields = parse_spec(spec)
+    cls = registry.get(name)
+    name = cls.name
+    protocol = protocol or {}
+    proto = {**protocol.get("*", {}), **protocol.get(name, {})}
+    valid = {f.name for f in dataclasses.fields(cls)}
+    proto = {k: v for k, v in proto.items() if k in valid or k not in protocol.get("*", {})}
+    base = build(cls, proto, f"{registry.kind} {name!r} (preset)")
+    plugin = build(cls, {**proto, **fields}, f"{registry.kind} {name!r}")
+    changed = [f.name for f in dataclasses.fields(cls) if getattr(plugin, f.name) != getattr(base, f.name)]
+    label = name if not changed else f"{name}({','.join(f'{k}={_show(getattr(plugin, k))}' for k in changed)})"
+    return Configured(plugin, label)
+
+
+def _show(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def stable_hash(obj: Any, length: int = 16) -> str:
+    """A hash of a JSON-able object that does not depend on key order."""
+    text = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:length]

@@ -1,0 +1,166 @@
+"""Backbones through timm, wrapped so that every model takes images in [0, 1].
+
+``create_model(name, num_classes, image_size)`` builds a registered backbone (random weights; the zoo
+loads pretrained ones). ``Classifier`` adds input normalization, ordered *stages* (stem, body stages,
+head; read from timm's own ``group_matcher``) and stage freezing that keeps frozen modules in eval mode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import timm
+import torch
+from timm.models._manipulate import group_parameters
+from torch import nn
+
+from benchmark.errors import UEBenchError
+
+CIFAR_MEAN, CIFAR_STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """A network family and size: a timm architecture plus overrides."""
+
+    name: str
+    family: str                      # resnet | vit | convnext
+    timm_name: str                   # timm architecture (and the hub weights for source 'timm')
+    kwargs: dict = field(default_factory=dict, hash=False)
+    small_stem: bool = True          # 3x3 stride-1 stem without max-pool, for 32x32 inputs (resnet)
+    description: str = ""
+
+    def key(self) -> dict:
+        return {"name": self.name, "timm_name": self.timm_name, "kwargs": self.kwargs, "small_stem": self.small_stem}
+
+
+BACKBONES: dict[str, BackboneSpec] = {}
+
+
+def register_backbone(spec: BackboneSpec) -> BackboneSpec:
+    if spec.name in BACKBONES:
+        raise UEBenchError(f"backbone {spec.name!r} is already registered")
+    BACKBONES[spec.name] = spec
+    return spec
+
+
+register_backbone(BackboneSpec(
+    "resnet_tiny", "resnet", "resnet18", {"layers": (1, 1, 1, 1), "channels": (16, 32, 64, 128), "stem_width": 16},
+    description="ResNet, 4 stages of one basic block, 16-128 channels (0.3M params); CPU-fast"))
+register_backbone(BackboneSpec(
+    "resnet18", "resnet", "resnet18", {}, description="ResNet-18 with a CIFAR stem (11M params)"))
+register_backbone(BackboneSpec(
+    "resnet18_in", "resnet", "resnet18.tv_in1k", {}, small_stem=False,
+    description="ResNet-18 with the ImageNet stem, as BAIT fine-tunes it at 32x32 (timm/torchvision weights)"))
+register_backbone(BackboneSpec(
+    "vit_tiny", "vit", "vit_tiny_patch16_224",
+    {"patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 3, "mlp_ratio": 2.0},
+    description="ViT, patch 4, width 96, depth 4 (0.3M params); CPU-fast"))
+register_backbone(BackboneSpec(
+    "vit_small", "vit", "vit_tiny_patch16_224", {"patch_size": 4},
+    description="ViT-Tiny (width 192, depth 12) with patch 4 for small images (5.4M params)"))
+register_backbone(BackboneSpec(
+    "convnext_tiny", "convnext", "convnext_atto",
+    {"depths": (1, 1, 1, 1), "dims": (16, 32, 64, 128), "patch_size": 1},
+    description="ConvNeXt, 4 stages of one block, 16-128 channels, stride-1 stem; CPU-fast"))
+register_backbone(BackboneSpec(
+    "convnext_atto", "convnext", "convnext_atto", {"patch_size": 1},
+    description="ConvNeXt-Atto (3.4M params) with a stride-1 stem for small images"))
+
+
+def get_spec(name: str) -> BackboneSpec:
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise UEBenchError(f"unknown backbone {name!r}; valid names: {', '.join(sorted(BACKBONES))}") from None
+
+
+class Classifier(nn.Module):
+    """A timm network behind input normalization, with ordered stages and stage freezing."""
+
+    def __init__(self, net: nn.Module, spec: BackboneSpec, mean=CIFAR_MEAN, std=CIFAR_STD) -> None:
+        super().__init__()
+        self.net = net
+        self.spec = spec
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        self._frozen: set[str] = set()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) / self.std)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features before the classifier layer."""
+        net = self.net
+        return net.forward_head(net.forward_features((x - self.mean) / self.std), pre_logits=True)
+
+    @property
+    def head(self) -> nn.Module:
+        return self.net.get_classifier()
+
+    def reset_head(self, num_classes: int) -> None:
+        self.net.reset_classifier(num_classes)
+
+    def stages(self) -> list[list[str]]:
+        """Parameter names per stage, in order: stem, body stages..., head (incl. final norm)."""
+        groups = group_parameters(self.net, self.net.group_matcher(coarse=True))
+        return [list(names) for _, names in sorted(groups.items())]
+
+    @property
+    def num_body_stages(self) -> int:
+        return len(self.stages()) - 2
+
+    def freeze(self, parameter_names: set[str]) -> None:
+        """Freeze these parameters (``requires_grad=False``); their modules stay in eval mode."""
+        params = dict(self.net.named_parameters())
+        unknown = parameter_names - params.keys()
+        if unknown:
+            raise UEBenchError(f"{self.spec.name}: no parameters named {sorted(unknown)[:3]}")
+        for n in parameter_names:
+            params[n].requires_grad_(False)
+        self._frozen |= {n.rsplit(".", 1)[0] if "." in n else "" for n in parameter_names}
+        self.train(self.training)
+
+    def freeze_stages(self, k: int) -> None:
+        """Freeze the stem and the first ``k`` body stages (k=0 freezes nothing)."""
+        stages = self.stages()
+        if not 0 <= k <= len(stages) - 2:
+            raise UEBenchError(f"{self.spec.name} has {len(stages) - 2} body stages; k={k} is out of range")
+        if k:
+            self.freeze({n for group in stages[: k + 1] for n in group})
+
+    def freeze_all_but_head(self) -> None:
+        head = {id(p) for p in self.head.parameters()}
+        self.freeze({n for n, p in self.net.named_parameters() if id(p) not in head})
+
+    def frozen_parameter_names(self) -> set[str]:
+        return {n for n, p in self.net.named_parameters() if not p.requires_grad}
+
+    def train(self, mode: bool = True) -> Classifier:
+        super().train(mode)
+        if mode and self._frozen:
+            for name, module in self.net.named_modules():
+                if name in self._frozen:
+                    module.eval()
+        return self
+
+
+def create_model(name: str, num_classes: int, image_size: int = 32, in_chans: int = 3) -> Classifier:
+    """A registered backbone with random weights and a ``num_classes``-way head."""
+    spec = get_spec(name)
+    kwargs = dict(spec.kwargs)
+    if spec.family == "vit":
+        kwargs["img_size"] = image_size
+    net = timm.create_model(spec.timm_name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    if spec.family == "resnet" and spec.small_stem:
+        width = net.conv1.out_channels
+        net.conv1 = nn.Conv2d(in_chans, width, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    if spec.small_stem:
+        return Classifier(net, spec)
+    cfg = net.pretrained_cfg or {}
+    return Classifier(net, spec, cfg.get("mean", CIFAR_MEAN), cfg.get("std", CIFAR_STD))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

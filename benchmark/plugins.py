@@ -1,0 +1,176 @@
+"""Plugin contracts: ``Defense`` (a UE generator) and ``Attack`` (a victim training paradigm).
+
+A plugin is a frozen dataclass of hyperparameters (the only place defaults live) plus one private
+method. The base classes own the public methods and their checks: a defense's output is verified
+here, by the engine, on the uint8 bytes it would publish.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from benchmark.data import ImageSet
+from benchmark.errors import UEBenchError
+from benchmark.training import TrainConfig
+
+log = logging.getLogger(__name__)
+
+NORMS = ("linf", "l2", "l0", "none")
+GRANULARITIES = ("class", "sample", "none")
+
+
+@dataclass
+class Context:
+    """What the engine hands a plugin: device, seed, caches and the data set's source pool."""
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    seed: int = 0
+    cache_dir: Path | None = None
+    progress: bool = False
+    dataset_key: dict = field(default_factory=dict)  # identifies the data set, for cache keys
+    source: ImageSet | None = None                   # the zoo's pretraining pool (disjoint from train/test)
+    metrics: dict[str, Any] = field(default_factory=dict)  # a plugin may report numbers here
+
+    def generator(self, offset: int = 0) -> torch.Generator:
+        """A CPU generator seeded from the context seed (``offset`` separates independent streams)."""
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + offset)
+
+
+@dataclass(frozen=True)
+class ThreatModel:
+    norm: str          # linf | l2 | l0 | none
+    budget: float      # in [0, 1] pixel units for linf and l2 (per image), pixels for l0; 0 for none
+    granularity: str   # class | sample | none
+
+
+@dataclass(frozen=True)
+class PerturbationStats:
+    """The measured size of a perturbation, on the uint8 images."""
+
+    linf: float      # max over images, in /255 units
+    l2_mean: float   # mean over images of the per-image L2 norm, [0, 1] pixel units
+    l2_max: float
+    l0_max: int      # max over images of pixel positions that changed (any channel)
+    l0_mean: float
+
+
+def perturbation_stats(clean: torch.Tensor, protected: torch.Tensor) -> PerturbationStats:
+    diff = protected.to(torch.int16) - clean.to(torch.int16)
+    n = diff.shape[0]
+    flat = diff.reshape(n, -1).float() / 255.0
+    l2 = flat.norm(dim=1)
+    l0 = (diff != 0).any(dim=1).reshape(n, -1).sum(dim=1)
+    return PerturbationStats(
+        linf=float(diff.abs().max()) if n else 0.0, l2_mean=float(l2.mean()) if n else 0.0,
+        l2_max=float(l2.max()) if n else 0.0, l0_max=int(l0.max()) if n else 0, l0_mean=float(l0.float().mean()) if n else 0.0,
+    )
+
+
+class Plugin:
+    """Metadata every plugin carries to the leaderboard (class attributes, not hyperparameters)."""
+
+    name: ClassVar[str] = ""
+    title: ClassVar[str] = ""
+    paper: ClassVar[str] = ""        # arXiv id (e.g. "2101.04898") or a URL
+    venue: ClassVar[str] = ""
+    year: ClassVar[int] = 0
+    authors: ClassVar[str] = ""
+    interpretation: ClassVar[bool] = False  # True when the method is the project's reading of an incomplete source
+    version: ClassVar[int] = 1              # bump when the code changes what the plugin computes
+
+    @classmethod
+    def plugin_info(cls) -> dict[str, Any]:
+        return {"name": cls.name, "title": cls.title, "paper": cls.paper, "venue": cls.venue, "year": cls.year,
+                "authors": cls.authors, "interpretation": cls.interpretation, "version": cls.version}
+
+
+@dataclass(frozen=True)
+class Defense(Plugin):
+    """A UE generator: clean uint8 images in, protected uint8 images out, within a declared budget.
+
+    Subclasses set ``norm`` and ``granularity`` (class attributes) and implement ``_perturb``. A field
+    named ``eps`` is the budget unless ``threat_model`` is overridden.
+    """
+
+    norm: ClassVar[str] = "none"
+    granularity: ClassVar[str] = "none"
+
+    def threat_model(self) -> ThreatModel:
+        budget = float(getattr(self, "eps", 0.0)) if self.norm != "none" else 0.0
+        granularity = getattr(self, "mode", self.granularity)
+        return ThreatModel(self.norm, budget, granularity)
+
+    def metadata(self) -> dict[str, Any]:
+        tm = self.threat_model()
+        return {**self.plugin_info(), "norm": tm.norm, "budget": tm.budget,
+                "granularity": tm.granularity}
+
+    def perturb(self, train: ImageSet, ctx: Context) -> ImageSet:
+        """Protect ``train``; the result is checked against the threat model before it is returned."""
+        out = self._perturb(train, ctx)
+        check_protected(type(self).name, self.threat_model(), train, out)
+        return out
+
+    def _perturb(self, train: ImageSet, ctx: Context) -> ImageSet:
+        raise NotImplementedError(f"defense {type(self).name!r} does not implement _perturb")
+
+
+def check_protected(name: str, tm: ThreatModel, clean: ImageSet, out: Any) -> PerturbationStats:
+    """The engine's checks on a defense's output; raises ``UEBenchError`` naming what failed."""
+    where = f"defense {name!r}"
+    if not isinstance(out, ImageSet):
+        raise UEBenchError(f"{where}: perturb must return an ImageSet, got {type(out).__name__}")
+    if out.images.shape != clean.images.shape:
+        raise UEBenchError(f"{where}: shape check failed: allowed {tuple(clean.images.shape)}, "
+                           f"measured {tuple(out.images.shape)}")
+    if not torch.equal(out.labels, clean.labels):
+        changed = int((out.labels != clean.labels).sum())
+        raise UEBenchError(f"{where}: label check failed: allowed 0 changed labels, measured {changed}")
+    if out.classes != clean.classes:
+        raise UEBenchError(f"{where}: class check failed: the class names changed")
+    stats = perturbation_stats(clean.images, out.images)
+    measured = {"linf": stats.linf / 255.0, "l2": stats.l2_max, "l0": float(stats.l0_max)}.get(tm.norm)
+    if measured is not None and measured > tm.budget + 1e-6:
+        shown = (lambda v: f"{v * 255:.4g}/255") if tm.norm == "linf" else (lambda v: f"{v:.6g}")
+        raise UEBenchError(f"{where}: {tm.norm} budget check failed: allowed {shown(tm.budget)}, "
+                           f"measured {shown(measured)}")
+    return stats
+
+
+def quantize(clean: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
+    """Publishable uint8 images from float images in [0, 1] (any range is clipped).
+
+    The change is truncated towards the clean image, so quantization never enlarges the
+    perturbation in any norm: a float perturbation within budget stays within budget.
+    """
+    if not torch.isfinite(perturbed).all():
+        raise UEBenchError("the perturbed images contain NaN or infinite values")
+    delta = perturbed.float().clamp(0, 1) * 255.0 - clean.float()
+    return (clean.float() + torch.trunc(delta + torch.sign(delta) * 1e-4)).clamp(0, 255).to(torch.uint8)
+
+
+@dataclass(frozen=True)
+class Attack(Plugin, TrainConfig):
+    """A victim training paradigm: protected images in, trained classifier out.
+
+    The training protocol (epochs, lr, optimizer, augmentation, ...) is part of the attack's fields,
+    inherited from ``TrainConfig``; subclasses add their own (e.g. the number of frozen stages).
+    """
+
+    def metadata(self) -> dict[str, Any]:
+        return self.plugin_info()
+
+    def fit(self, train: ImageSet, backbone: str, ctx: Context) -> nn.Module:
+        model = self._fit(train, backbone, ctx)
+        if not isinstance(model, nn.Module):
+            raise UEBenchError(f"attack {type(self).name!r}: fit must return an nn.Module, got {type(model).__name__}")
+        return model.eval()
+
+    def _fit(self, train: ImageSet, backbone: str, ctx: Context) -> nn.Module:
+        raise NotImplementedError(f"attack {type(self).name!r} does not implement _fit")

@@ -1,0 +1,129 @@
+"""Presets: a named grid of cells plus its protocol (sizes, epochs, optimizer, augmentation).
+
+A preset is also a TOML file with the same keys (``--preset my.toml``); ``extends = "quick"`` starts
+from a built-in preset. Protocol overrides apply per plugin name, ``"*"`` to every attack/defense.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmark.data import DatasetConfig
+from benchmark.errors import UEBenchError
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    dataset: DatasetConfig
+    defenses: tuple[str, ...]
+    attacks: tuple[str, ...]
+    backbones: tuple[str, ...]
+    seeds: tuple[int, ...] = (0,)
+    defense_protocol: dict[str, dict[str, Any]] = field(default_factory=dict, hash=False)
+    attack_protocol: dict[str, dict[str, Any]] = field(default_factory=dict, hash=False)
+    protocol_note: str = ""
+
+
+# quick: the tiny victims cannot learn a shift-invariant 8/255 pattern in a short run, so the
+# quick protocol trains without augmentation (research/shapes-prototype.md); standard and paper
+# keep the papers' crop + flip.
+QUICK = Preset(
+    name="quick",
+    description="shapes (10k train / 2k test), CPU-sized backbones, 1 seed: minutes on a laptop CPU",
+    dataset=DatasetConfig("shapes", train_size=10_000, test_size=2_000, source_size=20_000),
+    defenses=("clean", "random_noise", "random_noise:mode=class"),
+    attacks=("scratch",),
+    backbones=("resnet_tiny", "vit_tiny"),
+    seeds=(0,),
+    attack_protocol={"*": {"augment": "none", "batch_size": 128},
+                     "scratch": {"epochs": 6, "optimizer": "adamw", "lr": 3e-3, "weight_decay": 0.05}},
+    protocol_note="no augmentation (deviates from the papers' crop+flip; see DESIGN.md); "
+                  "scratch: AdamW 3e-3, 6 epochs, cosine, batch 128",
+)
+
+STANDARD = Preset(
+    name="standard",
+    description="Fashion-MNIST (20k train / 5k test), standard-size backbones, 3 seeds: a GPU, or hours on CPU",
+    dataset=DatasetConfig("fashion-mnist", train_size=20_000, test_size=5_000, source_size=30_000),
+    defenses=("clean", "random_noise", "random_noise:mode=class"),
+    attacks=("scratch",),
+    backbones=("resnet18", "vit_small", "convnext_atto"),
+    seeds=(0, 1, 2),
+    attack_protocol={"scratch": {"epochs": 30}},
+    protocol_note="SGD momentum 0.9, cosine, batch 128, crop (pad 4) + flip; scratch lr 0.1, 30 epochs",
+)
+
+PAPER = Preset(
+    name="paper",
+    description="CIFAR-10 with BAIT's protocol: ImageNet ResNet-18 at 32x32, SGD 1e-3 cosine, 60 epochs",
+    dataset=DatasetConfig("cifar10"),
+    defenses=("clean", "random_noise", "random_noise:mode=class"),
+    attacks=("scratch",),
+    backbones=("resnet18_in",),
+    seeds=(0,),
+    attack_protocol={"scratch": {"epochs": 60}},
+    protocol_note="SGD momentum 0.9, cosine, batch 128, crop (pad 4) + flip, 60 epochs",
+)
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (QUICK, STANDARD, PAPER)}
+
+
+def load_preset(name_or_path: str) -> Preset:
+    if name_or_path in PRESETS:
+        return PRESETS[name_or_path]
+    path = Path(name_or_path)
+    if path.suffix != ".toml":
+        raise UEBenchError(f"unknown preset {name_or_path!r}; valid names: {', '.join(PRESETS)}, or a .toml file")
+    if not path.is_file():
+        raise UEBenchError(f"preset file {name_or_path!r} does not exist")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise UEBenchError(f"preset file {name_or_path!r} is not valid TOML: {exc}") from exc
+    return preset_from_dict(data, default_name=path.stem)
+
+
+def preset_from_dict(data: dict[str, Any], default_name: str = "custom") -> Preset:
+    base_name = data.pop("extends", None)
+    base = load_preset(base_name) if base_name else None
+    valid = {f.name for f in dataclasses.fields(Preset)} | {"extends"}
+    unknown = sorted(set(data) - valid)
+    if unknown:
+        raise UEBenchError(f"preset: unknown key {unknown[0]!r}; valid keys: {', '.join(sorted(valid))}")
+    kwargs: dict[str, Any] = dataclasses.asdict(base) if base else {}
+    if base:
+        kwargs["dataset"] = base.dataset
+    kwargs["name"] = data.get("name", default_name)
+    kwargs.setdefault("description", "")
+    if "dataset" in data:
+        ds = data["dataset"]
+        if isinstance(ds, str):
+            ds = {"name": ds}
+        ds_fields = {f.name for f in dataclasses.fields(DatasetConfig)}
+        bad = sorted(set(ds) - ds_fields)
+        if bad:
+            raise UEBenchError(f"preset [dataset]: unknown key {bad[0]!r}; valid keys: {', '.join(sorted(ds_fields))}")
+        start = dataclasses.asdict(base.dataset) if base and "name" not in ds else {}
+        kwargs["dataset"] = DatasetConfig(**{**start, **ds})
+    for key in ("defenses", "attacks", "backbones", "seeds"):
+        if key in data:
+            kwargs[key] = tuple(data[key])
+    for key in ("defense_protocol", "attack_protocol"):
+        if key in data:
+            merged = {k: dict(v) for k, v in kwargs.get(key, {}).items()}
+            for plugin, fields in data[key].items():
+                merged[plugin] = {**merged.get(plugin, {}), **fields}
+            kwargs[key] = merged
+    for key in ("description", "protocol_note"):
+        if key in data:
+            kwargs[key] = data[key]
+    missing = [k for k in ("dataset", "defenses", "attacks", "backbones") if k not in kwargs]
+    if missing:
+        raise UEBenchError(f"preset {kwargs['name']!r} misses {', '.join(missing)} (or use extends = \"quick\")")
+    return Preset(**kwargs)

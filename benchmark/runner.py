@@ -1,0 +1,237 @@
+"""The runner: plans the cross product of cells, skips finished ones, runs the rest, writes results.
+
+A cell is one (dataset, defense, attack, backbone, seed). Its key is a hash of the fully resolved
+configs plus the protocol version: change any field and the cell is recomputed, change nothing and
+it is reused. Protected data sets are cached by (data set, defense config, seed) and shared by every
+attack and backbone. One failing cell is recorded as failed and the others go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import resource
+import subprocess
+import time
+import traceback
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from benchmark import PROTOCOL_VERSION, __version__
+from benchmark.cache import Cache
+from benchmark.config import Configured, configure, stable_hash
+from benchmark.data import DatasetConfig, ImageSet, Splits, load_dataset
+from benchmark.errors import UEBenchError
+from benchmark.models import get_spec
+from benchmark.plugins import Context, perturbation_stats
+from benchmark.presets import Preset
+from benchmark.registry import ATTACKS, DEFENSES
+from benchmark.store import CellRecord, Store
+from benchmark.training import evaluate
+
+log = logging.getLogger(__name__)
+
+RESULT_COLUMNS = ["dataset", "defense", "attack", "backbone", "seed", "status", "accuracy", "clean_accuracy",
+                  "train_accuracy", "seconds", "defense_seconds", "error", "preset", "key"]
+
+
+@dataclass(frozen=True)
+class Cell:
+    preset: str
+    dataset: DatasetConfig
+    defense: Configured
+    attack: Configured
+    backbone: str
+    seed: int
+
+    def config(self) -> dict[str, Any]:
+        return {"dataset": self.dataset.key(), "defense": self.defense.config(), "attack": self.attack.config(),
+                "backbone": get_spec(self.backbone).key(), "seed": self.seed, "protocol_version": PROTOCOL_VERSION}
+
+    @property
+    def key(self) -> str:
+        return stable_hash(self.config(), 24)
+
+    def describe(self) -> str:
+        return f"{self.defense.label} / {self.attack.label} / {self.backbone} / seed {self.seed}"
+
+
+def plan(preset: Preset, *, dataset: DatasetConfig | None = None, defenses: Sequence[str] | None = None,
+         attacks: Sequence[str] | None = None, backbones: Sequence[str] | None = None,
+         seeds: Sequence[int] | None = None) -> list[Cell]:
+    """The cross product, with ``clean`` always included as the reference."""
+    ds = dataset or preset.dataset
+    defs = [configure(DEFENSES, s, preset.defense_protocol) for s in (defenses or preset.defenses)]
+    if not any(d.label == "clean" for d in defs):
+        defs.insert(0, configure(DEFENSES, "clean", preset.defense_protocol))
+    atks = [configure(ATTACKS, s, preset.attack_protocol) for s in (attacks or preset.attacks)]
+    bbs = list(backbones or preset.backbones)
+    for b in bbs:
+        get_spec(b)
+    for group, kind in ((defs, "defense"), (atks, "attack")):
+        labels = [c.label for c in group]
+        dupes = sorted({x for x in labels if labels.count(x) > 1})
+        if dupes:
+            raise UEBenchError(f"{kind} {dupes[0]!r} is listed twice")
+    return [Cell(preset.name, ds, d, a, b, s) for s in (seeds or preset.seeds) for d in defs for a in atks for b in bbs]
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    import timm
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    return {"uebench": __version__, "torch": torch.__version__, "timm": timm.__version__,
+            "python": platform.python_version(), "platform": platform.platform(), "device": str(device),
+            "git_commit": commit, "threads": torch.get_num_threads()}
+
+
+class Runner:
+    """Runs cells in this process, one at a time (the local executor)."""
+
+    def __init__(self, out_dir: str | Path, *, device: torch.device, cache_dir: str | Path | None = None,
+                 progress: bool = True) -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.device = device
+        self.cache = Cache(cache_dir or self.out_dir / "cache")
+        self.progress = progress
+        self._splits: dict[str, Splits] = {}
+        self._protected: dict[str, tuple[ImageSet, dict, float]] = {}
+        self._env = environment(device)
+
+    def splits(self, cfg: DatasetConfig) -> Splits:
+        key = stable_hash(cfg.key())
+        if key not in self._splits:
+            log.info("loading data set %s", cfg.name)
+            self._splits[key] = load_dataset(cfg)
+        return self._splits[key]
+
+    def protected(self, cell: Cell) -> tuple[ImageSet, dict, float]:
+        """The protected training set of a cell (memory, then disk cache, then the defense)."""
+        key = stable_hash({"dataset": cell.dataset.key(), "defense": cell.defense.config(), "seed": cell.seed,
+                           "protocol_version": PROTOCOL_VERSION})
+        if key in self._protected:
+            img, meta, _ = self._protected[key]
+            return img, meta, 0.0
+        splits = self.splits(cell.dataset)
+        train = splits.train
+        ctx = self.context(cell, splits)
+        seconds = 0.0
+
+        def build() -> tuple[dict[str, torch.Tensor], dict]:
+            nonlocal seconds
+            start = time.perf_counter()
+            out = cell.defense.plugin.perturb(train, ctx)
+            seconds = time.perf_counter() - start
+            stats = perturbation_stats(train.images, out.images)
+            meta = {"defense": cell.defense.label, "seconds": seconds, **asdict(stats), **ctx.metrics}
+            return {"images": out.images, "labels": out.labels}, meta
+
+        tensors, meta, hit = self.cache.get_or_build("protected", key, build)
+        if not torch.equal(tensors["labels"], train.labels) or tensors["images"].shape != train.images.shape:
+            raise UEBenchError(f"cached protected set {key} does not match the data set; delete it")
+        img = train.with_images(tensors["images"], name=f"{train.name}+{cell.defense.label}")
+        self._protected = {key: (img, meta, seconds)}  # keep one in memory: cells are ordered by defense
+        return img, meta, seconds
+
+    def context(self, cell: Cell, splits: Splits) -> Context:
+        return Context(device=self.device, seed=cell.seed, cache_dir=self.cache.root, progress=self.progress,
+                       dataset_key=cell.dataset.key(), source=splits.source)
+
+    def run_cell(self, cell: Cell) -> CellRecord:
+        started = time.time()
+        start = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        status, acc, train_acc, error, defense_seconds, metrics = "ok", None, None, None, None, {}
+        try:
+            protected, meta, defense_seconds = self.protected(cell)
+            splits = self.splits(cell.dataset)
+            ctx = self.context(cell, splits)
+            model = cell.attack.plugin.fit(protected, cell.backbone, ctx)
+            acc = evaluate(model, splits.test.images, splits.test.labels, self.device)
+            train_acc = ctx.metrics.pop("train_accuracy", None)
+            metrics = {"attack": ctx.metrics, "perturbation": meta}
+        except Exception as exc:  # one failing cell must not stop the grid; it is recorded with its error
+            status, error = "failed", f"{type(exc).__name__}: {exc}"
+            log.error("cell %s failed: %s", cell.describe(), error)
+            log.debug("%s", traceback.format_exc())
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS, MiB
+        return CellRecord(
+            key=cell.key, preset=cell.preset, dataset=cell.dataset.name, defense=cell.defense.label,
+            attack=cell.attack.label, backbone=cell.backbone, seed=cell.seed, status=status, accuracy=acc,
+            train_accuracy=train_acc, seconds=time.perf_counter() - start, defense_seconds=defense_seconds,
+            peak_memory_mb=peak, error=error, config=cell.config(), metrics=metrics, environment=self._env,
+            started_at=started, finished_at=time.time())
+
+    def run(self, cells: Sequence[Cell]) -> RunSummary:
+        """Run every cell not already finished in the store; write ``results.csv``."""
+        store = Store(self.out_dir / "results.sqlite")
+        try:
+            done = store.finished_keys()
+            todo = [c for c in cells if c.key not in done]
+            todo.sort(key=lambda c: (c.seed, c.defense.label != "clean"))  # stable: grouped by defense
+            log.info("%d cells planned, %d finished, %d to run", len(cells), len(cells) - len(todo), len(todo))
+            ran: list[CellRecord] = []
+            bar = tqdm(todo, desc="cells", unit="cell", disable=not self.progress)
+            for cell in bar:
+                bar.set_postfix_str(cell.describe())
+                rec = self.run_cell(cell)
+                store.put(rec)
+                ran.append(rec)
+            write_results_csv(store, self.out_dir / "results.csv")
+            return RunSummary(planned=len(cells), skipped=len(cells) - len(todo), ran=ran,
+                              keys=[c.key for c in cells])
+        finally:
+            store.close()
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    planned: int
+    skipped: int
+    ran: list[CellRecord]
+    keys: list[str]
+
+    @property
+    def failed(self) -> list[CellRecord]:
+        return [r for r in self.ran if r.status != "ok"]
+
+
+def results_frame(store: Store, keys: Sequence[str] | None = None) -> pd.DataFrame:
+    """One row per cell with the clean reference (same dataset, attack, backbone, seed) beside it."""
+    df = store.frame()
+    if keys is not None:
+        df = df[df["key"].isin(set(keys))]
+    if df.empty:
+        return pd.DataFrame(columns=RESULT_COLUMNS)
+    ok_clean = df[(df["defense"] == "clean") & (df["status"] == "ok")]
+    ref = ok_clean.set_index(["dataset", "attack", "backbone", "seed"])["accuracy"]
+    ref = ref[~ref.index.duplicated(keep="last")]
+    idx = pd.MultiIndex.from_frame(df[["dataset", "attack", "backbone", "seed"]])
+    df = df.assign(clean_accuracy=ref.reindex(idx).to_numpy())
+    return df[RESULT_COLUMNS].sort_values(["dataset", "seed", "defense", "attack", "backbone"]).reset_index(drop=True)
+
+
+def write_results_csv(store: Store, path: Path) -> pd.DataFrame:
+    df = results_frame(store)
+    tmp = path.with_suffix(".csv.tmp")
+    df.to_csv(tmp, index=False, float_format="%.4f")
+    tmp.replace(path)
+    return df
+
+
+def with_dataset_overrides(cfg: DatasetConfig, **overrides: Any) -> DatasetConfig:
+    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})

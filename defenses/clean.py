@@ -1,0 +1,22 @@
+"""``clean``: no perturbation. The reference every cell is compared with."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from benchmark.data import ImageSet
+from benchmark.plugins import Context, Defense
+from benchmark.registry import DEFENSES
+
+
+@DEFENSES.register("clean")
+@dataclass(frozen=True)
+class Clean(Defense):
+    """The identity: publishes the images unchanged."""
+
+    title = "Clean data (no protection)"
+    norm = "none"
+    granularity = "none"
+
+    def _perturb(self, train: ImageSet, ctx: Context) -> ImageSet:
+        return train.with_images(train.images.clone(), name=f"{train.name}+clean")

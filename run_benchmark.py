@@ -1,0 +1,137 @@
+#!/usr/bin/env python3
+"""uebench command line: a thin layer that parses arguments and calls the library.
+
+    python run_benchmark.py list [defenses|attacks|backbones|datasets|presets]
+    python run_benchmark.py run --preset quick [--defenses em:mode=class lsp] [--attacks scratch] ...
+
+Errors in arguments or data print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from benchmark.errors import UEBenchError
+
+log = logging.getLogger("uebench")
+LIST_WHAT = ("defenses", "attacks", "backbones", "datasets", "presets")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="uebench", description="Benchmark unlearnable examples against scratch, probed, frozen and "
+                                    "fine-tuned victims.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--plugin", action="append", default=[], metavar="FILE",
+                   help="load a plugin file (repeatable); its defenses/attacks become usable by name")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    ls = sub.add_parser("list", help="list registered plugins, backbones, data sets or presets")
+    ls.add_argument("what", nargs="?", choices=LIST_WHAT, default="defenses")
+
+    run = sub.add_parser("run", help="run a preset's grid of cells (finished cells are reused)",
+                         description="Run the cross product data set x defenses x attacks x backbones x seeds. "
+                                     "Cells already finished in OUT/results.sqlite are skipped; a killed run "
+                                     "resumes. Writes OUT/results.csv.")
+    run.add_argument("--preset", default="quick", help="quick | standard | paper | a .toml file (default: quick)")
+    run.add_argument("--dataset", help="override the preset's data set (shapes, fashion-mnist, cifar10, hf:...)")
+    run.add_argument("--train-size", type=int, help="class-balanced subsample of the training split")
+    run.add_argument("--test-size", type=int, help="class-balanced subsample of the test split")
+    run.add_argument("--data-root", help="folder with the data set's files")
+    run.add_argument("--download", action="store_true", help="allow torchvision to download (needs a network)")
+    run.add_argument("--defenses", nargs="+", metavar="NAME[:k=v,...]", help="defenses (default: the preset's)")
+    run.add_argument("--attacks", nargs="+", metavar="NAME[:k=v,...]", help="attacks (default: the preset's)")
+    run.add_argument("--backbones", nargs="+", metavar="NAME", help="backbones (default: the preset's)")
+    run.add_argument("--seeds", nargs="+", type=int, metavar="N", help="seeds (default: the preset's)")
+    run.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: auto)")
+    run.add_argument("--out", default="results", help="results directory (default: results/)")
+    run.add_argument("--cache-dir", help="cache directory (default: OUT/cache)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def _list(what: str) -> None:
+    from tabulate import tabulate
+
+    from benchmark.data import DATASET_NAMES
+    from benchmark.models import BACKBONES
+    from benchmark.presets import PRESETS
+    from benchmark.registry import ATTACKS, DEFENSES
+
+    if what == "defenses":
+        rows = []
+        for n in DEFENSES.names():
+            meta = DEFENSES.get(n)().metadata()
+            rows.append([n, meta["title"], meta["norm"], f"{meta['budget']:.4g}", meta["granularity"],
+                         f"{meta['venue']} {meta['year'] or ''}".strip(), meta["paper"]])
+        print(tabulate(rows, headers=["name", "title", "norm", "budget", "granularity", "venue", "paper"],
+                       disable_numparse=True))
+    elif what == "attacks":
+        print(tabulate([[n, ATTACKS.get(n).title] for n in ATTACKS.names()], headers=["name", "title"]))
+    elif what == "backbones":
+        print(tabulate([[s.name, s.family, s.timm_name, s.description] for s in BACKBONES.values()],
+                       headers=["name", "family", "timm", "description"]))
+    elif what == "datasets":
+        print("\n".join(DATASET_NAMES))
+    else:
+        print(tabulate([[p.name, p.dataset.name, len(p.defenses), len(p.attacks), ", ".join(p.backbones),
+                         len(p.seeds), p.description] for p in PRESETS.values()],
+                       headers=["name", "data", "defenses", "attacks", "backbones", "seeds", "about"]))
+
+
+def _run(args: argparse.Namespace) -> int:
+    from tabulate import tabulate
+
+    from benchmark.presets import load_preset
+    from benchmark.runner import Runner, plan, results_frame, with_dataset_overrides
+    from benchmark.store import Store
+    from benchmark.training import resolve_device
+
+    preset = load_preset(args.preset)
+    dataset = with_dataset_overrides(preset.dataset, name=args.dataset, train_size=args.train_size,
+                                     test_size=args.test_size, data_root=args.data_root,
+                                     download=args.download or None)
+    cells = plan(preset, dataset=dataset, defenses=args.defenses, attacks=args.attacks,
+                 backbones=args.backbones, seeds=args.seeds)
+    device = resolve_device(args.device)
+    log.info("preset %s: %d cells on %s, results in %s", preset.name, len(cells), device, args.out)
+    runner = Runner(args.out, device=device, cache_dir=args.cache_dir, progress=not args.no_progress)
+    summary = runner.run(cells)
+    with Store(runner.out_dir / "results.sqlite") as store:
+        df = results_frame(store, summary.keys)
+    shown = df[["defense", "attack", "backbone", "seed", "status", "accuracy", "clean_accuracy", "seconds"]]
+    print(tabulate(shown, headers="keys", showindex=False, floatfmt=".1f"))
+    print(f"\n{summary.planned} cells: {summary.skipped} reused, {len(summary.ran)} run, "
+          f"{len(summary.failed)} failed. Results: {runner.out_dir / 'results.csv'}")
+    for rec in summary.failed:
+        print(f"failed: {rec.defense} / {rec.attack} / {rec.backbone} / seed {rec.seed}: {rec.error}")
+    return 1 if summary.failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        import attacks  # noqa: F401  built-in plugins register on import
+        import defenses  # noqa: F401
+        from benchmark.registry import load_plugin_file
+
+        for path in args.plugin:
+            load_plugin_file(path)
+        if args.command == "list":
+            _list(args.what)
+            return 0
+        return _run(args)
+    except UEBenchError as exc:
+        print(f"uebench: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("uebench: interrupted; finished cells are saved, rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
