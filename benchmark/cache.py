@@ -25,18 +25,19 @@ log = logging.getLogger(__name__)
 def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
+        t = tensors[name].detach().cpu()
         h.update(name.encode())
         h.update(str(t.dtype).encode())
         h.update(str(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
 def save_atomic(path: Path, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> None:
     """Write a safetensors file with a content checksum, atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    tensors = {k: v.detach().cpu().contiguous(memory_format=torch.contiguous_format).clone()
+               for k, v in tensors.items()}
     header = {"sha256": tensor_digest(tensors), "meta": json.dumps(meta or {}, sort_keys=True)}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     os.close(fd)

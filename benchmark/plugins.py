@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -18,6 +18,9 @@ from torch import nn
 from benchmark.data import ImageSet
 from benchmark.errors import UEBenchError
 from benchmark.training import TrainConfig
+
+if TYPE_CHECKING:
+    from benchmark.zoo import Zoo
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,7 @@ class Context:
     progress: bool = False
     dataset_key: dict = field(default_factory=dict)  # identifies the data set, for cache keys
     source: ImageSet | None = None                   # the zoo's pretraining pool (disjoint from train/test)
+    zoo: Zoo | None = None                           # pretrained backbones for this data set
     metrics: dict[str, Any] = field(default_factory=dict)  # a plugin may report numbers here
 
     def generator(self, offset: int = 0) -> torch.Generator:

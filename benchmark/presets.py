@@ -27,6 +27,7 @@ class Preset:
     seeds: tuple[int, ...] = (0,)
     defense_protocol: dict[str, dict[str, Any]] = field(default_factory=dict, hash=False)
     attack_protocol: dict[str, dict[str, Any]] = field(default_factory=dict, hash=False)
+    zoo: dict[str, Any] = field(default_factory=dict, hash=False)  # PretrainConfig overrides
     protocol_note: str = ""
 
 
@@ -114,11 +115,11 @@ def preset_from_dict(data: dict[str, Any], default_name: str = "custom") -> Pres
     for key in ("defenses", "attacks", "backbones", "seeds"):
         if key in data:
             kwargs[key] = tuple(data[key])
-    for key in ("defense_protocol", "attack_protocol"):
+    for key in ("defense_protocol", "attack_protocol", "zoo"):
         if key in data:
-            merged = {k: dict(v) for k, v in kwargs.get(key, {}).items()}
+            merged = {k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.get(key, {}).items()}
             for plugin, fields in data[key].items():
-                merged[plugin] = {**merged.get(plugin, {}), **fields}
+                merged[plugin] = {**merged.get(plugin, {}), **fields} if isinstance(fields, dict) else fields
             kwargs[key] = merged
     for key in ("description", "protocol_note"):
         if key in data:

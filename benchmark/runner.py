@@ -33,6 +33,7 @@ from benchmark.presets import Preset
 from benchmark.registry import ATTACKS, DEFENSES
 from benchmark.store import CellRecord, Store
 from benchmark.training import evaluate
+from benchmark.zoo import PretrainConfig, Zoo, pretrain_config
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +49,12 @@ class Cell:
     attack: Configured
     backbone: str
     seed: int
+    zoo: PretrainConfig = PretrainConfig()
 
     def config(self) -> dict[str, Any]:
         return {"dataset": self.dataset.key(), "defense": self.defense.config(), "attack": self.attack.config(),
-                "backbone": get_spec(self.backbone).key(), "seed": self.seed, "protocol_version": PROTOCOL_VERSION}
+                "backbone": get_spec(self.backbone).key(), "seed": self.seed, "zoo": asdict(self.zoo),
+                "protocol_version": PROTOCOL_VERSION}
 
     @property
     def key(self) -> str:
@@ -78,7 +81,9 @@ def plan(preset: Preset, *, dataset: DatasetConfig | None = None, defenses: Sequ
         dupes = sorted({x for x in labels if labels.count(x) > 1})
         if dupes:
             raise UEBenchError(f"{kind} {dupes[0]!r} is listed twice")
-    return [Cell(preset.name, ds, d, a, b, s) for s in (seeds or preset.seeds) for d in defs for a in atks for b in bbs]
+    zoo = pretrain_config(preset.zoo)
+    return [Cell(preset.name, ds, d, a, b, s, zoo)
+            for s in (seeds or preset.seeds) for d in defs for a in atks for b in bbs]
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -143,9 +148,13 @@ class Runner:
         self._protected = {key: (img, meta, seconds)}  # keep one in memory: cells are ordered by defense
         return img, meta, seconds
 
+    def zoo(self, cell: Cell, splits: Splits) -> Zoo:
+        return Zoo(self.cache.root, pool=splits.source, pool_key={**cell.dataset.key(), "split": "source"},
+                   config=cell.zoo, device=self.device, progress=self.progress)
+
     def context(self, cell: Cell, splits: Splits) -> Context:
         return Context(device=self.device, seed=cell.seed, cache_dir=self.cache.root, progress=self.progress,
-                       dataset_key=cell.dataset.key(), source=splits.source)
+                       dataset_key=cell.dataset.key(), source=splits.source, zoo=self.zoo(cell, splits))
 
     def run_cell(self, cell: Cell) -> CellRecord:
         started = time.time()

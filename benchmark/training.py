@@ -28,6 +28,13 @@ AUGMENTS = ("crop_flip", "flip", "crop", "none")
 
 # (model, x in [0,1] float, y) -> (x, y); y may become soft targets (N x K float), e.g. for mixup.
 BatchHook = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# (model, x, y) -> (loss, logits or None); replaces cross-entropy, e.g. for contrastive pretraining.
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def cross_entropy_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = model(_memory_format(x))
+    return F.cross_entropy(logits.float(), y), logits
 
 
 @dataclass(frozen=True)
@@ -124,7 +131,7 @@ def _memory_format(x: torch.Tensor) -> torch.Tensor:
 
 def train(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, *,
           device: torch.device, seed: int, progress: bool = False, desc: str = "train",
-          batch_hook: BatchHook | None = None) -> TrainResult:
+          batch_hook: BatchHook | None = None, loss_fn: LossFn = cross_entropy_loss) -> TrainResult:
     """Train the parameters of ``model`` that require grad, in place.
 
     ``inputs`` are uint8 images (augmented per ``cfg``, scaled to [0, 1]) or float features
@@ -159,8 +166,7 @@ def train(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, cfg: Tra
             if batch_hook is not None:
                 x, y = batch_hook(model, x, y)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                logits = model(_memory_format(x))
-                loss = F.cross_entropy(logits.float(), y)
+                loss, logits = loss_fn(model, x, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
@@ -169,13 +175,14 @@ def train(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, cfg: Tra
             sched.step()
             step += 1
             loss_value = float(loss.detach())
-            hard = y if y.ndim == 1 else y.argmax(1)
-            correct += int((logits.argmax(1) == hard).sum())
-            seen += len(y)
+            if logits is not None:
+                hard = y if y.ndim == 1 else y.argmax(1)
+                correct += int((logits.argmax(1) == hard).sum())
+                seen += len(y)
         bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{100 * correct / max(seen, 1):.1f}")
     if not math.isfinite(loss_value) and cfg.epochs > 0:
         raise UEBenchError(f"training diverged (loss {loss_value}); lower lr={cfg.lr}")
-    return TrainResult(100.0 * correct / max(seen, 1), loss_value, step, time.perf_counter() - start)
+    return TrainResult(100.0 * correct / seen if seen else float("nan"), loss_value, step, time.perf_counter() - start)
 
 
 @torch.no_grad()

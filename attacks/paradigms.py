@@ -1,0 +1,174 @@
+"""Victim paradigms that start from a pretrained backbone (the zoo).
+
+| name | init | trainable |
+|---|---|---|
+| ``linear_probe`` | zoo (``supervised``) | the classifier only |
+| ``frozen_shallow`` | zoo (``supervised``) | all but the stem and the first ``k`` stages |
+| ``full_finetune`` | zoo (``supervised``) | everything, small learning rate |
+| ``sf_pretrain`` | zoo (``sf``), or SF pretraining on the protected images themselves | per ``finetune`` |
+
+Protocol defaults (METHODS.md): SGD momentum 0.9, lr 1e-3 for pretrained inits (BAIT's fine-tuning
+protocol), lr 0.1 for the linear probe's head, cosine, batch 128, crop (pad 4) + flip.
+References: Li et al., "When Priors Backfire", ICLR 2026 (arXiv 2603.04731) for full fine-tuning;
+Wang et al., "Channel-Level Semantic Perturbations", 2026 (arXiv 2605.05224) for frozen shallow
+layers and SF-Pretrain.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from benchmark.data import ImageSet
+from benchmark.errors import UEBenchError
+from benchmark.models import Classifier
+from benchmark.plugins import Attack, Context
+from benchmark.registry import ATTACKS
+from benchmark.training import TrainConfig, train
+
+log = logging.getLogger(__name__)
+
+FINETUNE_MODES = ("frozen_shallow", "full", "linear")
+WEIGHT_SOURCES = ("supervised", "sf", "timm", "file", "random")
+
+
+def finetune(model: Classifier, data: ImageSet, cfg: TrainConfig, ctx: Context, mode: str, k: int,
+             desc: str) -> Classifier:
+    """Train ``model`` on ``data`` with the stages ``mode`` leaves trainable (the shared paradigm step)."""
+    if mode == "linear":
+        model.freeze_all_but_head()
+        if cfg.augment == "none":
+            return _probe_on_features(model, data, cfg, ctx, desc)
+    elif mode == "frozen_shallow":
+        model.freeze_stages(k)
+    elif mode != "full":
+        raise UEBenchError(f"finetune mode {mode!r} is not one of {FINETUNE_MODES}")
+    result = train(model, data.images, data.labels, cfg, device=ctx.device, seed=ctx.seed, progress=ctx.progress,
+                   desc=desc)
+    ctx.metrics["train_accuracy"] = result.train_accuracy
+    ctx.metrics["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return model
+
+
+def _probe_on_features(model: Classifier, data: ImageSet, cfg: TrainConfig, ctx: Context, desc: str) -> Classifier:
+    """Without augmentation the frozen features never change: compute them once, train the head on them."""
+    model.to(ctx.device).eval()
+    feats = []
+    with torch.no_grad():
+        for i in range(0, len(data), 512):
+            x = data.images[i: i + 512].to(ctx.device).float().div_(255)
+            feats.append(model.features(x.contiguous(memory_format=torch.channels_last)).float())
+    features = torch.cat(feats)
+    head = model.head
+    result = train(head, features, data.labels, cfg, device=ctx.device, seed=ctx.seed, progress=ctx.progress,
+                   desc=desc)
+    ctx.metrics["train_accuracy"] = result.train_accuracy
+    ctx.metrics["trainable_parameters"] = sum(p.numel() for p in head.parameters())
+    return model
+
+
+@dataclass(frozen=True)
+class PretrainedAttack(Attack):
+    """Shared fields of the paradigms that start from zoo weights."""
+
+    lr: float = 1e-3            # BAIT's fine-tuning learning rate
+    weights: str = "supervised"  # zoo source: supervised | sf | timm | file | random (control)
+    weights_path: str = ""       # checkpoint for weights=file (or a local timm file)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.weights not in WEIGHT_SOURCES:
+            raise UEBenchError(f"{self.name}: weights={self.weights!r} must be one of {WEIGHT_SOURCES}")
+
+    def pretrained(self, data: ImageSet, backbone: str, ctx: Context, pool: ImageSet | None = None) -> Classifier:
+        if ctx.zoo is None:
+            raise UEBenchError(f"attack {self.name!r} needs the zoo, but the context has none")
+        zoo = ctx.zoo if pool is None else ctx.zoo.with_pool(pool)
+        c, h, _ = data.image_shape
+        return zoo.get(backbone, self.weights, data.num_classes, h, c, self.weights_path or None)
+
+
+@ATTACKS.register("linear_probe")
+@dataclass(frozen=True)
+class LinearProbe(PretrainedAttack):
+    """Train only the classifier on frozen pretrained features. Without augmentation the features are
+    computed once and the head trains on them (same loop, same protocol)."""
+
+    lr: float = 0.1  # head learning rate
+
+    title = "Linear probe on a pretrained backbone"
+
+    def _fit(self, data: ImageSet, backbone: str, ctx: Context) -> nn.Module:
+        model = self.pretrained(data, backbone, ctx)
+        return finetune(model, data, self.train_config(), ctx, "linear", 0, f"linear_probe {backbone}")
+
+
+@ATTACKS.register("frozen_shallow")
+@dataclass(frozen=True)
+class FrozenShallow(PretrainedAttack):
+    """Freeze the stem and the first ``k`` stages of a pretrained backbone, train the rest."""
+
+    k: int = 1  # frozen leading stages (besides the stem)
+
+    title = "Frozen shallow layers (pretrained)"
+    paper = "2605.05224"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.k < 0:
+            raise UEBenchError(f"frozen_shallow: k={self.k} must be >= 0")
+
+    def _fit(self, data: ImageSet, backbone: str, ctx: Context) -> nn.Module:
+        model = self.pretrained(data, backbone, ctx)
+        return finetune(model, data, self.train_config(), ctx, "frozen_shallow", self.k,
+                        f"frozen_shallow(k={self.k}) {backbone}")
+
+
+@ATTACKS.register("full_finetune")
+@dataclass(frozen=True)
+class FullFinetune(PretrainedAttack):
+    """Fine-tune every parameter of a pretrained backbone with a small learning rate."""
+
+    title = "Full fine-tuning (pretrained)"
+    paper = "2603.04731"
+
+    def _fit(self, data: ImageSet, backbone: str, ctx: Context) -> nn.Module:
+        model = self.pretrained(data, backbone, ctx)
+        return finetune(model, data, self.train_config(), ctx, "full", 0, f"full_finetune {backbone}")
+
+
+@ATTACKS.register("sf_pretrain")
+@dataclass(frozen=True)
+class SFPretrain(PretrainedAttack):
+    """Semantic-focused pretraining (SimCLR-style, strong augmentation), then fine-tuning.
+
+    ``pretrain_on=source`` uses the zoo's ``sf`` weights (pretrained on the source pool);
+    ``pretrain_on=protected`` pretrains self-supervised on the unlabeled protected images themselves.
+    Interpretation: the SSC paper's definition of SF-Pretrain was not available (see zoo.py).
+    """
+
+    weights: str = "sf"
+    finetune: str = "frozen_shallow"  # frozen_shallow | full | linear
+    k: int = 1                        # frozen stages for finetune=frozen_shallow
+    pretrain_on: str = "source"       # source | protected
+
+    title = "SF-Pretrain (semantic-focused pretraining), then fine-tuning"
+    paper = "2605.05224"
+    interpretation = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.finetune not in FINETUNE_MODES:
+            raise UEBenchError(f"sf_pretrain: finetune={self.finetune!r} must be one of {FINETUNE_MODES}")
+        if self.pretrain_on not in ("source", "protected"):
+            raise UEBenchError(f"sf_pretrain: pretrain_on={self.pretrain_on!r} must be 'source' or 'protected'")
+        if self.pretrain_on == "protected" and self.weights != "sf":
+            raise UEBenchError("sf_pretrain: pretrain_on=protected needs weights=sf")
+
+    def _fit(self, data: ImageSet, backbone: str, ctx: Context) -> nn.Module:
+        model = self.pretrained(data, backbone, ctx, pool=data if self.pretrain_on == "protected" else None)
+        return finetune(model, data, self.train_config(), ctx, self.finetune, self.k,
+                        f"sf_pretrain({self.finetune}) {backbone}")

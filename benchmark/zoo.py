@@ -1,0 +1,245 @@
+"""The zoo: backbones with pretrained weights, built once and cached.
+
+Sources of weights:
+
+- ``random``: no pretraining (the control).
+- ``supervised``: supervised pretraining on the data set's source pool (a label set or images
+  disjoint from the protected data).
+- ``sf``: semantic-focused pretraining on the source pool: SimCLR-style contrastive learning
+  (NT-Xent) with strong semantics-preserving augmentation (resized crop, colour jitter, grayscale,
+  blur, additive noise), so the shallow layers learn to keep semantics and drop low-level noise.
+  *Interpretation*: this is the project's reading of the SSC paper's "SF-Pretrain", whose definition
+  was not available.
+- ``timm``: timm's pretrained weights (the hub for users with a network, or a local file).
+- ``file``: a local checkpoint (safetensors, or ``torch.load(weights_only=True)``; never unpickled).
+
+Built checkpoints are cached under ``<cache>/zoo/`` by a hash of everything that made them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from benchmark import PROTOCOL_VERSION
+from benchmark.augment import StrongAugment
+from benchmark.cache import Cache, tensor_digest
+from benchmark.config import stable_hash
+from benchmark.data import ImageSet
+from benchmark.errors import UEBenchError
+from benchmark.models import Classifier, create_model, get_spec
+from benchmark.training import TrainConfig, train
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("random", "supervised", "sf", "timm", "file")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """How the zoo pretrains (presets scale these down for CPU runs)."""
+
+    supervised: TrainConfig = TrainConfig(epochs=30, lr=0.1, augment="crop_flip")
+    sf: TrainConfig = TrainConfig(epochs=60, lr=1e-3, optimizer="adamw", weight_decay=1e-4, batch_size=256,
+                                  augment="none")
+    temperature: float = 0.2     # NT-Xent temperature
+    projection_dim: int = 64     # SimCLR projector output
+    augment: StrongAugment = StrongAugment()
+    seed: int = 0                # the zoo's own seed: the same pretrained weights for every cell seed
+
+
+class Projected(nn.Module):
+    """Backbone features followed by a 2-layer projector, for contrastive pretraining."""
+
+    def __init__(self, backbone: Classifier, dim: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        width = backbone.head.in_features
+        self.projector = nn.Sequential(nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.backbone.features(x))
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SimCLR's normalized-temperature cross-entropy over 2N views."""
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
+    sim = z @ z.t() / temperature
+    n = z1.shape[0]
+    sim.fill_diagonal_(float("-inf"))
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    return F.cross_entropy(sim, target)
+
+
+def _contrastive_loss(cfg: PretrainConfig, gen: torch.Generator):
+    def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, None]:
+        v1, v2 = cfg.augment(x, gen), cfg.augment(x, gen)
+        z = model(torch.cat([v1, v2]).contiguous(memory_format=torch.channels_last))
+        return nt_xent(z[: len(x)], z[len(x):], cfg.temperature), None
+
+    return loss_fn
+
+
+def pretrain_config(overrides: dict | None) -> PretrainConfig:
+    """A ``PretrainConfig`` from a preset's ``zoo`` table: ``{"supervised": {...}, "sf": {...}, ...}``."""
+    overrides = dict(overrides or {})
+    base = PretrainConfig()
+    kwargs = {}
+    for name in ("supervised", "sf"):
+        if name in overrides:
+            fields = overrides.pop(name)
+            bad = sorted(set(fields) - set(TrainConfig.__dataclass_fields__))
+            if bad:
+                raise UEBenchError(f"zoo.{name}: unknown field {bad[0]!r}; valid: {', '.join(TrainConfig.__dataclass_fields__)}")
+            kwargs[name] = replace(getattr(base, name), **fields)
+    if "augment" in overrides:
+        kwargs["augment"] = replace(base.augment, **overrides.pop("augment"))
+    bad = sorted(set(overrides) - set(PretrainConfig.__dataclass_fields__))
+    if bad:
+        raise UEBenchError(f"zoo: unknown field {bad[0]!r}; valid: {', '.join(PretrainConfig.__dataclass_fields__)}")
+    return replace(base, **kwargs, **overrides)
+
+
+def pretrain(backbone: str, source: str, pool: ImageSet, cfg: PretrainConfig, *, device: torch.device,
+             progress: bool = False) -> Classifier:
+    """Pretrain a backbone on ``pool`` (supervised or sf); returns it with the pool's head."""
+    torch.manual_seed(cfg.seed)
+    model = create_model(backbone, pool.num_classes, pool.image_shape[-1], pool.image_shape[0])
+    if source == "supervised":
+        result = train(model, pool.images, pool.labels, cfg.supervised, device=device, seed=cfg.seed,
+                       progress=progress, desc=f"pretrain {backbone} (supervised)")
+        log.info("supervised pretraining of %s: train accuracy %.1f%% in %.0fs", backbone,
+                 result.train_accuracy, result.seconds)
+    elif source == "sf":
+        wrapper = Projected(model, cfg.projection_dim)
+        gen = torch.Generator().manual_seed(cfg.seed + 1)
+        result = train(wrapper, pool.images, pool.labels, cfg.sf, device=device, seed=cfg.seed, progress=progress,
+                       desc=f"pretrain {backbone} (sf)", loss_fn=_contrastive_loss(cfg, gen))
+        log.info("sf pretraining of %s: final NT-Xent %.3f in %.0fs", backbone, result.final_loss, result.seconds)
+    else:
+        raise UEBenchError(f"pretrain(): source must be 'supervised' or 'sf', got {source!r}")
+    return model.cpu()
+
+
+def load_state(model: Classifier, state: dict[str, torch.Tensor], what: str) -> None:
+    """Load weights, skipping the classifier (its shape depends on the label set)."""
+    head = {n for n, _ in model.net.named_parameters() if n.startswith(_head_prefix(model))}
+    own = model.net.state_dict()
+    body = {k: v for k, v in state.items() if k not in head and k in own and own[k].shape == v.shape}
+    missing = [k for k in own if k not in body and k not in head and not k.endswith("num_batches_tracked")]
+    if missing:
+        raise UEBenchError(f"{what}: checkpoint does not fit {model.spec.name}; missing or mismatched "
+                           f"{len(missing)} tensors, e.g. {missing[:3]}")
+    model.net.load_state_dict(body, strict=False)
+
+
+def _head_prefix(model: Classifier) -> str:
+    head = model.head
+    for name, module in model.net.named_modules():
+        if module is head:
+            return name + "."
+    return "\0"
+
+
+def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from safetensors or a torch file (``weights_only=True``: no arbitrary unpickling)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UEBenchError(f"checkpoint {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for bad or unsafe files
+        raise UEBenchError(f"cannot read checkpoint {str(path)!r} safely: {exc}") from exc
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UEBenchError(f"checkpoint {str(path)!r} is not a state dict of tensors")
+    return {k.removeprefix("net."): v for k, v in obj.items()}
+
+
+class Zoo:
+    """Pretrained backbones for one data set, cached by content hash."""
+
+    def __init__(self, cache_dir: str | Path, *, pool: ImageSet | None, pool_key: dict | str,
+                 config: PretrainConfig = PretrainConfig(), device: torch.device = torch.device("cpu"),
+                 progress: bool = False) -> None:
+        self.cache = Cache(cache_dir)
+        self.pool = pool
+        self.pool_key = pool_key
+        self.config = config
+        self.device = device
+        self.progress = progress
+
+    def with_pool(self, pool: ImageSet) -> Zoo:
+        """The same zoo pretraining on another pool (e.g. the unlabeled protected images)."""
+        return Zoo(self.cache.root, pool=pool, pool_key={"images": tensor_digest({"x": pool.images})},
+                   config=self.config, device=self.device, progress=self.progress)
+
+    def key(self, backbone: str, source: str) -> str:
+        cfg = asdict(self.config)
+        cfg = {"sf": cfg, "supervised": {"supervised": cfg["supervised"], "seed": cfg["seed"]}}[source]
+        return stable_hash({"backbone": get_spec(backbone).key(), "source": source, "pool": self.pool_key,
+                            "config": cfg, "protocol_version": PROTOCOL_VERSION})
+
+    def build(self, backbone: str, source: str) -> tuple[dict[str, torch.Tensor], bool]:
+        """The pretrained state dict (from the cache when present); returns (state, was_cached)."""
+        if self.pool is None:
+            raise UEBenchError(f"this data set has no source pool to pretrain {backbone!r} on; "
+                               f"use weights from timm or a file")
+        start = time.perf_counter()
+
+        def make() -> tuple[dict[str, torch.Tensor], dict]:
+            model = pretrain(backbone, source, self.pool, self.config, device=self.device, progress=self.progress)
+            return dict(model.net.state_dict()), {"backbone": backbone, "source": source,
+                                                  "seconds": time.perf_counter() - start}
+
+        state, meta, hit = self.cache.get_or_build("zoo", self.key(backbone, source), make)
+        if hit:
+            log.info("zoo: loaded %s (%s) from cache", backbone, source)
+        else:
+            log.info("zoo: built %s (%s) in %.0fs", backbone, source, meta["seconds"])
+        return state, hit
+
+    def get(self, backbone: str, source: str, num_classes: int, image_size: int, in_chans: int = 3,
+            path: str | None = None) -> Classifier:
+        """A backbone with ``source`` weights and a fresh ``num_classes``-way head."""
+        if source not in SOURCES:
+            raise UEBenchError(f"unknown weight source {source!r}; valid: {', '.join(SOURCES)}")
+        model = create_model(backbone, num_classes, image_size, in_chans)
+        if source == "random":
+            return model
+        if source in ("supervised", "sf"):
+            state, _ = self.build(backbone, source)
+            load_state(model, state, f"zoo {backbone} ({source})")
+        elif source == "timm":
+            load_state(model, _timm_weights(backbone, path), f"timm weights for {backbone}")
+        else:
+            if not path:
+                raise UEBenchError("weight source 'file' needs a checkpoint path")
+            load_state(model, read_checkpoint(path), f"checkpoint {path}")
+        return model
+
+
+def _timm_weights(backbone: str, path: str | None) -> dict[str, torch.Tensor]:
+    """timm's pretrained weights for the spec's architecture: from ``path`` or the hub."""
+    import timm
+
+    spec = get_spec(backbone)
+    if path:
+        return read_checkpoint(path)
+    try:
+        net = timm.create_model(spec.timm_name, pretrained=True, **spec.kwargs)
+    except Exception as exc:  # hub errors come in many types; all mean "not available here"
+        raise UEBenchError(f"cannot fetch timm weights for {spec.timm_name!r} ({exc}); pass a local file "
+                           f"(weights path) on machines without a network") from exc
+    return net.state_dict()
