@@ -49,6 +49,20 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default="results", help="results directory (default: results/)")
     run.add_argument("--cache-dir", help="cache directory (default: OUT/cache)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    pre = sub.add_parser("pretrain", help="build the zoo's pretrained backbones ahead of time (cached)",
+                         description="Pretrain each backbone on the data set's source pool (supervised and "
+                                     "semantic-focused) and cache the checkpoints; later runs load them.")
+    pre.add_argument("--preset", default="quick", help="preset whose data set, backbones and zoo config to use")
+    pre.add_argument("--dataset", help="override the preset's data set")
+    pre.add_argument("--data-root", help="folder with the data set's files")
+    pre.add_argument("--backbones", nargs="+", metavar="NAME", help="backbones (default: the preset's)")
+    pre.add_argument("--sources", nargs="+", default=["supervised", "sf"], choices=["supervised", "sf"],
+                     help="which pretraining to build (default: both)")
+    pre.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: auto)")
+    pre.add_argument("--out", default="results", help="results directory; the cache is OUT/cache")
+    pre.add_argument("--cache-dir", help="cache directory (default: OUT/cache)")
+    pre.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
@@ -110,6 +124,30 @@ def _run(args: argparse.Namespace) -> int:
     return 1 if summary.failed else 0
 
 
+def _pretrain(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tqdm.auto import tqdm
+
+    from benchmark.data import load_dataset
+    from benchmark.presets import load_preset
+    from benchmark.runner import with_dataset_overrides
+    from benchmark.training import resolve_device
+    from benchmark.zoo import Zoo, pretrain_config
+
+    preset = load_preset(args.preset)
+    dataset = with_dataset_overrides(preset.dataset, name=args.dataset, data_root=args.data_root)
+    splits = load_dataset(dataset)
+    zoo = Zoo(args.cache_dir or Path(args.out) / "cache", pool=splits.source,
+              pool_key={**dataset.key(), "split": "source"}, config=pretrain_config(preset.zoo),
+              device=resolve_device(args.device), progress=not args.no_progress)
+    jobs = [(b, s) for b in (args.backbones or preset.backbones) for s in args.sources]
+    for backbone, source in tqdm(jobs, desc="zoo", unit="backbone", disable=args.no_progress):
+        _, cached = zoo.build(backbone, source)
+        print(f"{backbone} ({source}): {'loaded from cache' if cached else 'built'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -124,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "list":
             _list(args.what)
             return 0
+        if args.command == "pretrain":
+            return _pretrain(args)
         return _run(args)
     except UEBenchError as exc:
         print(f"uebench: error: {exc}", file=sys.stderr)
