@@ -193,6 +193,8 @@ class Runner:
             todo = [c for c in cells if c.key not in done]
             todo.sort(key=lambda c: (c.seed, c.defense.label != "clean"))  # stable: grouped by defense
             log.info("%d cells planned, %d finished, %d to run", len(cells), len(cells) - len(todo), len(todo))
+            for cfg in {stable_hash(c.dataset.key()): c.dataset for c in todo}.values():
+                self.splits(cfg)  # a missing or unknown data set is the user's error, not a failed cell
             ran: list[CellRecord] = []
             bar = tqdm(todo, desc="cells", unit="cell", disable=not self.progress)
             for cell in bar:

@@ -1,0 +1,73 @@
+"""Plugin specs, value conversion, labels and presets."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmark.config import configure, parse_spec, stable_hash
+from benchmark.errors import UEBenchError
+from benchmark.presets import PRESETS, load_preset
+from benchmark.registry import ATTACKS, DEFENSES
+
+
+def test_parse_spec():
+    assert parse_spec("em") == ("em", {})
+    assert parse_spec("em:steps=10,mode=class") == ("em", {"steps": "10", "mode": "class"})
+    assert parse_spec("pkg.mod:Cls:eps=1") == ("pkg.mod:Cls", {"eps": "1"})
+    with pytest.raises(UEBenchError, match="expected field=value"):
+        parse_spec("em:steps")
+
+
+def test_values_are_converted_and_fractions_accepted():
+    c = configure(DEFENSES, "random_noise:eps=4/255,mode=class")
+    assert abs(c.plugin.eps - 4 / 255) < 1e-12, c.plugin
+    assert c.plugin.mode == "class"
+    assert c.label == "random_noise(eps=0.0156863,mode=class)", c.label
+
+
+def test_bad_values_name_the_field():
+    with pytest.raises(UEBenchError, match="field 'eps'.*'abc'"):
+        configure(DEFENSES, "random_noise:eps=abc")
+    with pytest.raises(UEBenchError, match="unknown field 'bogus'; valid fields: eps, mode"):
+        configure(DEFENSES, "random_noise:bogus=1")
+    with pytest.raises(UEBenchError, match="epochs=-1 must be >= 0"):
+        configure(ATTACKS, "scratch:epochs=-1")
+
+
+def test_label_hides_protocol_but_shows_variants():
+    protocol = {"*": {"augment": "none"}, "scratch": {"epochs": 3}}
+    c = configure(ATTACKS, "scratch", protocol)
+    assert c.label == "scratch" and c.plugin.epochs == 3 and c.plugin.augment == "none", c
+    v = configure(ATTACKS, "scratch:epochs=5", protocol)
+    assert v.label == "scratch(epochs=5)", v.label
+    same = configure(ATTACKS, "scratch:epochs=3", protocol)
+    assert same.label == "scratch", "a spec equal to the protocol is no variant"
+
+
+def test_stable_hash_ignores_key_order():
+    assert stable_hash({"a": 1, "b": [1, 2]}) == stable_hash({"b": [1, 2], "a": 1})
+    assert stable_hash({"a": 1}) != stable_hash({"a": 2})
+
+
+def test_presets_resolve():
+    for name, preset in PRESETS.items():
+        for spec in preset.defenses:
+            configure(DEFENSES, spec, preset.defense_protocol)
+        for spec in preset.attacks:
+            configure(ATTACKS, spec, preset.attack_protocol)
+
+
+def test_toml_preset(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text('extends = "quick"\ndefenses = ["clean"]\n[dataset]\ntrain_size = 100\n'
+                    '[attack_protocol.scratch]\nepochs = 2\n')
+    p = load_preset(str(path))
+    assert p.name == "mine" and p.defenses == ("clean",) and p.dataset.train_size == 100, p
+    assert p.dataset.name == "shapes" and p.attack_protocol["scratch"]["epochs"] == 2, p
+    assert p.attack_protocol["*"] == PRESETS["quick"].attack_protocol["*"], "extends keeps the base protocol"
+    bad = tmp_path / "bad.toml"
+    bad.write_text('extends = "quick"\nbogus = 1\n')
+    with pytest.raises(UEBenchError, match="unknown key 'bogus'"):
+        load_preset(str(bad))
+    with pytest.raises(UEBenchError, match="unknown preset 'nope'"):
+        load_preset("nope")

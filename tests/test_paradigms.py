@@ -1,0 +1,84 @@
+"""Each victim paradigm trains on tiny data and freezes exactly what it says."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmark.config import configure
+from benchmark.errors import UEBenchError
+from benchmark.registry import ATTACKS
+
+FAST = {"epochs": 1, "batch_size": 16, "augment": "none"}
+
+
+def _snapshot(model):
+    return {n: p.detach().clone() for n, p in model.net.named_parameters()}
+
+
+def _buffers(model):
+    return {n: b.detach().clone() for n, b in model.net.named_buffers()}
+
+
+@pytest.mark.parametrize("name", ATTACKS.names())
+def test_every_attack_trains(name, tiny_train, tiny_test, ctx):
+    attack = configure(ATTACKS, name, {"*": FAST}).plugin
+    model = attack.fit(tiny_train, "resnet_tiny", ctx)
+    logits = model(tiny_test.images[:4].float() / 255)
+    assert logits.shape == (4, tiny_train.num_classes), f"{name}: output {tuple(logits.shape)}"
+    assert not model.training, f"{name}: fit must return the model in eval mode"
+
+
+@pytest.mark.parametrize("spec, frozen_groups", [
+    ("frozen_shallow", 2),            # stem + first stage
+    ("frozen_shallow:k=2", 3),
+    ("sf_pretrain", 2),
+    ("full_finetune", 0),
+    ("linear_probe", -1),             # everything but the classifier
+    ("linear_probe:augment=flip", -1),  # the slow path: trained through the whole model
+])
+@pytest.mark.parametrize("backbone", ["resnet_tiny", "vit_tiny", "convnext_tiny"])
+def test_frozen_parameters_do_not_change(spec, frozen_groups, backbone, tiny_train, ctx):
+    attack = configure(ATTACKS, spec, {"*": FAST}).plugin
+    pretrained = attack.pretrained(tiny_train, backbone, ctx)
+    groups = pretrained.stages()
+    if frozen_groups == -1:
+        head = {id(p) for p in pretrained.head.parameters()}
+        expected = {n for n, p in pretrained.net.named_parameters() if id(p) not in head}
+    else:
+        expected = {n for g in groups[:frozen_groups] for n in g}
+    before, buffers = _snapshot(pretrained), _buffers(pretrained)
+    model = attack.fit(tiny_train, backbone, ctx)
+    assert model.frozen_parameter_names() == expected, (
+        f"{spec} on {backbone} froze {len(model.frozen_parameter_names())} tensors, expected {len(expected)}")
+    after = _snapshot(model)
+    for n in expected:
+        assert torch.equal(before[n], after[n]), f"{spec}: frozen {n} changed during training"
+    trainable = set(after) - expected - {n for n in after if n.startswith(("fc.", "head."))}
+    changed = [n for n in trainable if not torch.equal(before[n], after[n])]
+    assert not trainable or changed, f"{spec}: no trainable parameter changed"
+    after_buffers = _buffers(model)
+    frozen_modules = {n.rsplit(".", 1)[0] for n in expected}
+    for n, b in buffers.items():
+        if n.rsplit(".", 1)[0] in frozen_modules and "running" in n:
+            assert torch.equal(b, after_buffers[n]), f"{spec}: running statistic {n} of a frozen layer changed"
+
+
+def test_pretrained_starts_from_zoo_weights(tiny_train, ctx):
+    attack = configure(ATTACKS, "frozen_shallow", {"*": FAST}).plugin
+    a = attack.pretrained(tiny_train, "resnet_tiny", ctx)
+    b = attack.pretrained(tiny_train, "resnet_tiny", ctx)
+    assert torch.equal(a.net.conv1.weight, b.net.conv1.weight), "two loads of the same zoo entry differ"
+    rnd = configure(ATTACKS, "frozen_shallow:weights=random", {"*": FAST}).plugin
+    torch.manual_seed(123)
+    c = rnd.pretrained(tiny_train, "resnet_tiny", ctx)
+    assert not torch.equal(a.net.conv1.weight, c.net.conv1.weight), "weights=random must not load the zoo"
+
+
+def test_bad_options():
+    with pytest.raises(UEBenchError, match="finetune='bogus' must be one of"):
+        configure(ATTACKS, "sf_pretrain:finetune=bogus")
+    with pytest.raises(UEBenchError, match="weights='imagenet' must be one of"):
+        configure(ATTACKS, "full_finetune:weights=imagenet")
+    with pytest.raises(UEBenchError, match="pretrain_on=protected needs weights=sf"):
+        configure(ATTACKS, "sf_pretrain:pretrain_on=protected,weights=supervised")

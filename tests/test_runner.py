@@ -1,0 +1,138 @@
+"""The runner end to end: results, reuse, resume after SIGKILL, failing cells, caches."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from benchmark.presets import preset_from_dict
+from benchmark.plugins import Attack
+from benchmark.registry import ATTACKS
+from benchmark.runner import Runner, plan
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {
+    "extends": "quick",
+    "name": "tiny",
+    "dataset": {"train_size": 60, "test_size": 30, "source_size": 24},
+    "defenses": ["clean", "random_noise", "random_noise:mode=class"],
+    "attacks": ["scratch"],
+    "backbones": ["resnet_tiny"],
+    "attack_protocol": {"scratch": {"epochs": 1, "batch_size": 32}},
+}
+TOML = """extends = "quick"
+name = "tiny"
+defenses = ["clean", "random_noise", "random_noise:mode=class", "random_noise:eps=4/255"]
+attacks = ["scratch"]
+backbones = ["resnet_tiny", "convnext_tiny"]
+[dataset]
+train_size = 60
+test_size = 30
+source_size = 24
+[attack_protocol.scratch]
+epochs = 2
+batch_size = 16
+"""
+
+
+def _runner(tmp_path) -> Runner:
+    return Runner(tmp_path / "out", device=torch.device("cpu"), progress=False)
+
+
+def test_end_to_end_and_reuse(tmp_path):
+    cells = plan(preset_from_dict(dict(TINY)))
+    assert len(cells) == 3, [c.describe() for c in cells]
+    summary = _runner(tmp_path).run(cells)
+    assert len(summary.ran) == 3 and not summary.failed, [r.error for r in summary.failed]
+    df = pd.read_csv(tmp_path / "out" / "results.csv")
+    assert list(df["status"]) == ["ok"] * 3, df
+    assert set(df["defense"]) == {"clean", "random_noise", "random_noise(mode=class)"}, df["defense"]
+    clean_acc = float(df.loc[df["defense"] == "clean", "accuracy"].iloc[0])
+    assert (df["clean_accuracy"] == clean_acc).all(), "clean reference not joined to every row"
+    again = _runner(tmp_path).run(cells)
+    assert again.skipped == 3 and not again.ran, "a finished cell was recomputed"
+    assert len(list((tmp_path / "out" / "cache" / "protected").glob("*.safetensors"))) == 3
+
+
+def test_changed_field_recomputes_only_that_cell(tmp_path):
+    runner = _runner(tmp_path)
+    runner.run(plan(preset_from_dict(dict(TINY))))
+    changed = dict(TINY, defenses=["clean", "random_noise:eps=4/255"])
+    summary = runner.run(plan(preset_from_dict(changed)))
+    assert [r.defense for r in summary.ran] == ["random_noise(eps=0.0156863)"], [r.defense for r in summary.ran]
+
+
+def test_failing_cell_is_recorded_and_others_go_on(tmp_path):
+    @dataclass(frozen=True)
+    class Exploding(Attack):
+        title = "raises"
+
+        def _fit(self, train, backbone, ctx):
+            raise RuntimeError("kaboom")
+
+    ATTACKS.register("exploding")(Exploding)
+    try:
+        summary = _runner(tmp_path).run(plan(preset_from_dict(dict(TINY, attacks=["scratch", "exploding"]))))
+    finally:
+        ATTACKS.unregister("exploding")
+    failed = [r for r in summary.ran if r.status == "failed"]
+    assert len(failed) == 3 and all("RuntimeError: kaboom" in r.error for r in failed), failed
+    assert sum(r.status == "ok" for r in summary.ran) == 3, "the scratch cells must still run"
+
+
+def test_corrupt_protected_cache_is_rebuilt(tmp_path, caplog):
+    cells = plan(preset_from_dict(dict(TINY, defenses=["random_noise"])))
+    runner = _runner(tmp_path)
+    runner.run(cells)
+    files = sorted((tmp_path / "out" / "cache" / "protected").glob("*.safetensors"))
+    target = files[-1]
+    data = bytearray(target.read_bytes())
+    data[-10:] = b"\xff" * 10
+    target.write_bytes(bytes(data))
+    fresh = _runner(tmp_path)
+    img, _, _ = fresh.protected(cells[-1])
+    assert "corrupt" in caplog.text, "a corrupt cache entry must be reported"
+    assert img.images.dtype == torch.uint8 and len(img) == 60
+
+
+def _count_ok(db: Path) -> int:
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(db, timeout=1) as con:
+            return con.execute("SELECT COUNT(*) FROM cells WHERE status='ok'").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+
+
+def test_resume_after_sigkill(tmp_path):
+    preset = tmp_path / "tiny.toml"
+    preset.write_text(TOML)
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "run_benchmark.py"), "run", "--preset", str(preset), "--out", str(out),
+           "--device", "cpu", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while _count_ok(out / "results.sqlite") < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run finished before it could be killed; make the grid larger"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = _count_ok(out / "results.sqlite")
+    assert 2 <= done_before < 8, f"{done_before} cells finished before the kill"
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"{done_before} reused, {8 - done_before} run, 0 failed" in result.stdout, result.stdout[-800:]
+    df = pd.read_csv(out / "results.csv")
+    assert len(df) == 8 and df["key"].is_unique and (df["status"] == "ok").all(), df

@@ -1,0 +1,97 @@
+"""The zoo: pretraining is cached, corrupt checkpoints are rebuilt, timm and file weights load offline."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from benchmark.errors import UEBenchError
+from benchmark.zoo import Zoo, nt_xent, read_checkpoint
+from tests.conftest import TINY_ZOO
+
+
+@pytest.fixture
+def zoo(tmp_path, tiny_source):
+    return Zoo(tmp_path / "cache", pool=tiny_source, pool_key={"t": 1}, config=TINY_ZOO)
+
+
+@pytest.mark.parametrize("source", ["supervised", "sf"])
+def test_built_once_then_cached(zoo, source, caplog):
+    caplog.set_level(logging.INFO)
+    _, cached = zoo.build("resnet_tiny", source)
+    assert not cached, "first build must pretrain"
+    a = zoo.get("resnet_tiny", source, 5, 32)
+    assert "loaded resnet_tiny" in caplog.text and "from cache" in caplog.text, caplog.text
+    b = zoo.get("resnet_tiny", source, 5, 32)
+    assert torch.equal(a.net.conv1.weight, b.net.conv1.weight)
+    assert a.eval()(torch.rand(1, 3, 32, 32)).shape == (1, 5), "the head must be replaced for the target classes"
+
+
+def test_supervised_and_sf_differ(zoo):
+    s = zoo.get("resnet_tiny", "supervised", 5, 32)
+    f = zoo.get("resnet_tiny", "sf", 5, 32)
+    assert not torch.equal(s.net.conv1.weight, f.net.conv1.weight), "sf and supervised weights are identical"
+
+
+def test_corrupt_checkpoint_is_rebuilt(zoo, caplog):
+    zoo.build("resnet_tiny", "supervised")
+    path = zoo.cache.path("zoo", zoo.key("resnet_tiny", "supervised"))
+    path.write_bytes(path.read_bytes()[:-100])  # truncated
+    _, cached = zoo.build("resnet_tiny", "supervised")
+    assert not cached and "corrupt" in caplog.text, "a truncated checkpoint must be detected and rebuilt"
+    _, cached = zoo.build("resnet_tiny", "supervised")
+    assert cached, "the rebuilt checkpoint must be reused"
+
+
+def test_no_pool_is_a_clear_error(tmp_path):
+    with pytest.raises(UEBenchError, match="no source pool"):
+        Zoo(tmp_path, pool=None, pool_key={}).get("resnet_tiny", "supervised", 10, 32)
+
+
+def test_timm_weights_from_local_file(tmp_path, zoo):
+    """The ImageNet-stem ResNet-18 (the `paper` preset's backbone) from a timm state dict on disk."""
+    torch.manual_seed(0)
+    net = timm.create_model("resnet18", num_classes=1000)
+    path = tmp_path / "resnet18.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    model = zoo.get("resnet18_in", "timm", 10, 32, path=str(path))
+    assert torch.equal(model.net.conv1.weight, net.conv1.weight), "timm weights not loaded"
+    assert model.eval()(torch.rand(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_file_weights_torch_and_safetensors(tmp_path, zoo):
+    src = zoo.get("resnet_tiny", "supervised", 5, 32)
+    pt = tmp_path / "ckpt.pt"
+    torch.save({"state_dict": src.net.state_dict()}, pt)
+    loaded = zoo.get("resnet_tiny", "file", 3, 32, path=str(pt))
+    assert torch.equal(loaded.net.layer1[0].conv1.weight, src.net.layer1[0].conv1.weight)
+    assert read_checkpoint(pt).keys() == src.net.state_dict().keys()
+    mismatched = tmp_path / "vit.safetensors"
+    vit = zoo.get("vit_tiny", "random", 3, 32)
+    save_file({k: v.contiguous() for k, v in vit.net.state_dict().items()}, str(mismatched))
+    with pytest.raises(UEBenchError, match="does not fit resnet_tiny"):
+        zoo.get("resnet_tiny", "file", 3, 32, path=str(mismatched))
+
+
+def test_unsafe_pickle_is_refused(tmp_path, zoo):
+    path = tmp_path / "evil.pt"
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path.write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(UEBenchError, match="cannot read checkpoint"):
+        zoo.get("resnet_tiny", "file", 3, 32, path=str(path))
+
+
+def test_nt_xent_prefers_matching_views():
+    z = torch.randn(8, 16)
+    low = nt_xent(z, z + 0.01 * torch.randn(8, 16), 0.2)
+    high = nt_xent(z, torch.randn(8, 16), 0.2)
+    assert low < high, f"matching views should give a lower loss ({low:.3f} vs {high:.3f})"
