@@ -202,6 +202,9 @@ class Runner:
                 rec = self.run_cell(cell)
                 store.put(rec)
                 ran.append(rec)
+                if rec.status == "ok":
+                    log.info("cell %s: %.1f%% (train %s) in %.0fs", cell.describe(), rec.accuracy,
+                             "n/a" if rec.train_accuracy is None else f"{rec.train_accuracy:.1f}%", rec.seconds)
             write_results_csv(store, self.out_dir / "results.csv")
             return RunSummary(planned=len(cells), skipped=len(cells) - len(todo), ran=ran,
                               keys=[c.key for c in cells])

@@ -51,6 +51,7 @@ class TrainConfig:
     augment: str = "crop_flip"   # crop_flip | crop | flip | none
     crop_padding: int = 4        # pixels of zero padding before the random crop
     grad_clip: float = 0.0       # max gradient norm; 0 = off
+    warmup_epochs: float = 0.0   # linear learning-rate warmup before the schedule
 
     def __post_init__(self) -> None:
         checks = [
@@ -63,6 +64,7 @@ class TrainConfig:
             (self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0"),
             (self.crop_padding >= 0, "crop_padding", self.crop_padding, ">= 0"),
             (self.grad_clip >= 0, "grad_clip", self.grad_clip, ">= 0"),
+            (self.warmup_epochs >= 0, "warmup_epochs", self.warmup_epochs, ">= 0"),
         ]
         for ok, name, value, rule in checks:
             if not ok:
@@ -125,6 +127,16 @@ def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def lr_factor(step: int, total: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine to 0 (or constant) over the remaining steps."""
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    if step < warmup:
+        return (step + 1) / warmup
+    if cfg.schedule == "constant":
+        return 1.0
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
 def _memory_format(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
 
@@ -148,8 +160,7 @@ def train(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, cfg: Tra
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total = max(1, steps_per_epoch * cfg.epochs)
     opt = make_optimizer(params, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, (lambda s: 0.5 * (1 + math.cos(math.pi * s / total))) if cfg.schedule == "cosine" else (lambda s: 1.0))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, steps_per_epoch, cfg))
     gen = torch.Generator().manual_seed(seed)
     use_amp = device.type == "cuda"
     start, step, loss_value, correct, seen = time.perf_counter(), 0, float("nan"), 0, 0
