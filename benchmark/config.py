@@ -98,14 +98,17 @@ class Configured:
         return {"name": self.name, "version": type(self.plugin).version, **dataclasses.asdict(self.plugin)}
 
 
-def configure(registry: Registry, spec: str, protocol: dict[str, dict[str, Any]] | None = None) -> Configured:
-    """Resolve a spec: dataclass defaults < preset protocol (``protocol[name]``, then ``protocol['*']``)
-    < the spec's own fields. The label shows the spec fields that differ from the protocol."""
+def configure(registry: Registry, spec: str, protocol: dict[str, dict[str, Any]] | None = None,
+              backbone: str | None = None) -> Configured:
+    """Resolve a spec: dataclass defaults < preset protocol (``protocol['*']``, ``protocol[name]``, then
+    ``protocol['name@backbone']``, a per-architecture recipe) < the spec's own fields. The label shows
+    the spec fields that differ from the protocol."""
     name, fields = parse_spec(spec)
     cls = registry.get(name)
     name = cls.name
     protocol = protocol or {}
-    proto = {**protocol.get("*", {}), **protocol.get(name, {})}
+    proto = {**protocol.get("*", {}), **protocol.get(name, {}),
+             **(protocol.get(f"{name}@{backbone}", {}) if backbone else {})}
     valid = {f.name for f in dataclasses.fields(cls)}
     proto = {k: v for k, v in proto.items() if k in valid or k not in protocol.get("*", {})}
     base = build(cls, proto, f"{registry.kind} {name!r} (preset)")

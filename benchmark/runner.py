@@ -72,18 +72,20 @@ def plan(preset: Preset, *, dataset: DatasetConfig | None = None, defenses: Sequ
     defs = [configure(DEFENSES, s, preset.defense_protocol) for s in (defenses or preset.defenses)]
     if not any(d.label == "clean" for d in defs):
         defs.insert(0, configure(DEFENSES, "clean", preset.defense_protocol))
-    atks = [configure(ATTACKS, s, preset.attack_protocol) for s in (attacks or preset.attacks)]
     bbs = list(backbones or preset.backbones)
     for b in bbs:
         get_spec(b)
-    for group, kind in ((defs, "defense"), (atks, "attack")):
+    atk_specs = list(attacks or preset.attacks)
+    # an attack's protocol may differ per backbone (``attack_protocol["scratch@vit_tiny"]``)
+    atks = {b: [configure(ATTACKS, s, preset.attack_protocol, backbone=b) for s in atk_specs] for b in bbs}
+    for group, kind in ((defs, "defense"), (atks[bbs[0]] if bbs else [], "attack")):
         labels = [c.label for c in group]
         dupes = sorted({x for x in labels if labels.count(x) > 1})
         if dupes:
             raise UEBenchError(f"{kind} {dupes[0]!r} is listed twice")
     zoo = pretrain_config(preset.zoo)
-    return [Cell(preset.name, ds, d, a, b, s, zoo)
-            for s in (seeds or preset.seeds) for d in defs for a in atks for b in bbs]
+    return [Cell(preset.name, ds, d, atks[b][i], b, s, zoo)
+            for s in (seeds or preset.seeds) for d in defs for i in range(len(atk_specs)) for b in bbs]
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -169,7 +171,7 @@ class Runner:
             model = cell.attack.plugin.fit(protected, cell.backbone, ctx)
             acc = evaluate(model, splits.test.images, splits.test.labels, self.device)
             train_acc = ctx.metrics.pop("train_accuracy", None)
-            metrics = {"attack": ctx.metrics, "perturbation": meta}
+            metrics = {"attack": ctx.metrics, "perturbation": meta, "num_classes": protected.num_classes}
         except Exception as exc:  # one failing cell must not stop the grid; it is recorded with its error
             status, error = "failed", f"{type(exc).__name__}: {exc}"
             log.error("cell %s failed: %s", cell.describe(), error)
@@ -231,12 +233,17 @@ def results_frame(store: Store, keys: Sequence[str] | None = None) -> pd.DataFra
         df = df[df["key"].isin(set(keys))]
     if df.empty:
         return pd.DataFrame(columns=RESULT_COLUMNS)
+    # the reference is the clean cell with the very same data, attack config, backbone, seed and zoo
+    df = df.assign(ref_key=[reference_key(c) for c in df["config"]])
     ok_clean = df[(df["defense"] == "clean") & (df["status"] == "ok")]
-    ref = ok_clean.set_index(["dataset", "attack", "backbone", "seed"])["accuracy"]
-    ref = ref[~ref.index.duplicated(keep="last")]
-    idx = pd.MultiIndex.from_frame(df[["dataset", "attack", "backbone", "seed"]])
-    df = df.assign(clean_accuracy=ref.reindex(idx).to_numpy())
+    ref = ok_clean.drop_duplicates("ref_key", keep="last").set_index("ref_key")["accuracy"]
+    df = df.assign(clean_accuracy=ref.reindex(df["ref_key"]).to_numpy())
     return df[RESULT_COLUMNS].sort_values(["dataset", "seed", "defense", "attack", "backbone"]).reset_index(drop=True)
+
+
+def reference_key(config: dict) -> str:
+    """What a cell shares with its clean reference: everything but the defense."""
+    return stable_hash({k: v for k, v in config.items() if k != "defense"})
 
 
 def write_results_csv(store: Store, path: Path) -> pd.DataFrame:
