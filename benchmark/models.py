@@ -24,7 +24,7 @@ class BackboneSpec:
     """A network family and size: a timm architecture plus overrides."""
 
     name: str
-    family: str                      # resnet | vit | convnext
+    family: str                      # resnet | mobilenet | vit | convnext
     timm_name: str                   # timm architecture (and the hub weights for source 'timm')
     kwargs: dict = field(default_factory=dict, hash=False)
     small_stem: bool = True          # 3x3 stride-1 stem without max-pool, for 32x32 inputs (resnet)
@@ -52,6 +52,12 @@ register_backbone(BackboneSpec(
 register_backbone(BackboneSpec(
     "resnet18_in", "resnet", "resnet18.tv_in1k", {}, small_stem=False,
     description="ResNet-18 with the ImageNet stem, as BAIT fine-tunes it at 32x32 (timm/torchvision weights)"))
+register_backbone(BackboneSpec(
+    "mobilenet_tiny", "mobilenet", "mobilenetv3_small_050", {},
+    description="MobileNetV3-Small 0.5x with a stride-1 stem for 32x32 inputs (0.6M params); CPU-fast"))
+register_backbone(BackboneSpec(
+    "mobilenet", "mobilenet", "mobilenetv3_large_100", {},
+    description="MobileNetV3-Large 1.0x with a stride-1 stem for small images (4.2M params)"))
 register_backbone(BackboneSpec(
     "vit_tiny", "vit", "vit_tiny_patch16_224",
     {"patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 3, "mlp_ratio": 2.0},
@@ -156,6 +162,8 @@ def create_model(name: str, num_classes: int, image_size: int = 32, in_chans: in
         width = net.conv1.out_channels
         net.conv1 = nn.Conv2d(in_chans, width, kernel_size=3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
+    if spec.family == "mobilenet" and spec.small_stem:
+        net.conv_stem.stride = (1, 1)
     if spec.small_stem:
         return Classifier(net, spec)
     cfg = net.pretrained_cfg or {}
