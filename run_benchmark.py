@@ -63,6 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--out", default="results", help="results directory; the cache is OUT/cache")
     pre.add_argument("--cache-dir", help="cache directory (default: OUT/cache)")
     pre.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    from leaderboard.cli import add_commands
+
+    add_commands(sub)  # leaderboard, submit, reproduce
     return p
 
 
@@ -121,6 +125,9 @@ def _run(args: argparse.Namespace) -> int:
           f"{len(summary.failed)} failed. Results: {runner.out_dir / 'results.csv'}")
     for rec in summary.failed:
         print(f"failed: {rec.defense} / {rec.attack} / {rec.backbone} / seed {rec.seed}: {rec.error}")
+    from leaderboard.cli import publish_run
+
+    print("\n" + publish_run(runner.out_dir, cells, preset).summary())
     return 1 if summary.failed else 0
 
 
@@ -164,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "pretrain":
             return _pretrain(args)
+        if args.command in ("leaderboard", "submit", "reproduce"):
+            from leaderboard.cli import run
+
+            return run(args)
         return _run(args)
     except UEBenchError as exc:
         print(f"uebench: error: {exc}", file=sys.stderr)

@@ -1,0 +1,242 @@
+"""Shared pieces of the UE generators, written once.
+
+- surrogates: a backbone from the zoo (``scratch`` = random init, ``supervised``/``sf`` = pretrained on
+  the data set's source pool) trained through the one training loop (``benchmark.training.train``);
+- PGD on a perturbation (minimize or maximize a loss, L-inf projection, optional differentiable
+  augmentation with expectation over transformations);
+- class-wise broadcasting, L2 projection, and rounding a float perturbation to whole uint8 steps
+  without leaving the budget (then ``quantize`` publishes it).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from benchmark.data import ImageSet
+from benchmark.errors import UEBenchError
+from benchmark.models import Classifier, create_model, get_spec
+from benchmark.plugins import Context, quantize
+from benchmark.training import BatchHook, TrainConfig, TrainResult, random_crop, random_flip, train
+
+log = logging.getLogger(__name__)
+
+SURROGATES = ("scratch", "supervised", "sf")  # scratch = random init (zoo source "random")
+
+# (model, x, y) -> scalar loss; x is the (augmented) perturbed batch in [0, 1]
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def check_surrogate(where: str, backbone: str, surrogate: str) -> None:
+    """Validate the surrogate fields shared by the surrogate-based defenses."""
+    get_spec(backbone)  # raises with the valid names
+    if surrogate not in SURROGATES:
+        raise UEBenchError(f"{where}: surrogate={surrogate!r} must be one of {SURROGATES}")
+
+
+def check_positive(where: str, **values: float) -> None:
+    for name, value in values.items():
+        if not value > 0:
+            raise UEBenchError(f"{where}: {name}={value!r} must be > 0")
+
+
+def ce_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model(x.contiguous(memory_format=torch.channels_last)).float(), y)
+
+
+# ---------------------------------------------------------------- surrogates
+
+def surrogate_model(backbone: str, surrogate: str, data: ImageSet, ctx: Context, offset: int = 0) -> Classifier:
+    """A fresh ``num_classes``-way surrogate on ``ctx.device``; its init is seeded from ``ctx.seed``."""
+    source = "random" if surrogate == "scratch" else surrogate
+    channels, size = data.image_shape[0], data.image_shape[-1]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(ctx.seed * 1_000_003 + 7919 + offset)
+        if ctx.zoo is not None:
+            model = ctx.zoo.get(backbone, source, data.num_classes, size, channels)
+        elif source == "random":
+            model = create_model(backbone, data.num_classes, size, channels)
+        else:
+            raise UEBenchError(f"surrogate={surrogate!r} needs the zoo, but the context has none")
+    return model.to(ctx.device)
+
+
+def surrogate_config(*, epochs: int, batch_size: int, lr: float, augment: str = "none",
+                     schedule: str = "cosine", grad_clip: float = 0.0) -> TrainConfig:
+    """The surrogates' protocol: SGD momentum 0.9, weight decay 5e-4 (the UE papers' ResNet-18 recipe)."""
+    return TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer="sgd", momentum=0.9,
+                       weight_decay=5e-4, schedule=schedule, augment=augment, grad_clip=grad_clip)
+
+
+def train_surrogate(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, ctx: Context,
+                    *, desc: str, offset: int = 0, batch_hook: BatchHook | None = None) -> TrainResult:
+    """Train ``model`` in place through the one training loop, seeded from the context."""
+    model.train()
+    result = train(model, inputs, labels, cfg, device=ctx.device, seed=ctx.seed * 1_000_003 + offset,
+                   progress=ctx.progress, desc=desc, batch_hook=batch_hook)
+    model.eval()
+    return result
+
+
+def steps_plan(steps: int, n: int, batch_size: int, gen: torch.Generator) -> tuple[int, torch.Tensor | None]:
+    """How to run ``steps`` optimizer steps through the epoch-based loop: (epochs, subset).
+
+    Fewer steps than one epoch: one epoch over a random subset of ``steps * batch_size`` examples.
+    Otherwise whole epochs over everything (rounded up), subset ``None``.
+    """
+    per_epoch = max(1, math.ceil(n / batch_size))
+    if steps < per_epoch:
+        return 1, torch.randperm(n, generator=gen)[: steps * batch_size]
+    return math.ceil(steps / per_epoch), None
+
+
+# ---------------------------------------------------------------- PGD on a perturbation
+
+@dataclass(frozen=True)
+class Augment:
+    """Differentiable crop (zero padding) + horizontal flip, for expectation over transformations."""
+
+    padding: int = 4
+
+    def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        return random_flip(random_crop(x, self.padding, gen), gen)
+
+
+def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor, *, eps: float, step_size: float,
+        steps: int, minimize: bool, loss_fn: LossFn = ce_loss, transform: Augment | None = None, eot: int = 1,
+        gen: torch.Generator | None = None) -> tuple[torch.Tensor, float]:
+    """Signed-gradient PGD on ``delta`` within the L-inf ball of radius ``eps``, keeping x + delta in [0, 1].
+
+    ``minimize`` selects error-minimizing (EM, REM, targeted TAP) or error-maximizing steps. With a
+    ``transform``, each step sums the gradients over ``eot`` random augmentations of x + delta.
+    Returns the new delta (detached) and the loss of the last step. The model is not modified.
+    """
+    delta = project_box(x, delta.detach().clamp(-eps, eps))
+    last = float("nan")
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        grad = torch.zeros_like(delta)
+        total = 0.0
+        for _ in range(eot if transform is not None else 1):
+            xin = (x + delta).clamp(0, 1)
+            if transform is not None:
+                xin = transform(xin, gen)
+            loss = loss_fn(model, xin, y)
+            grad += torch.autograd.grad(loss, delta)[0]
+            total += float(loss.detach())
+        last = total / (eot if transform is not None else 1)
+        with torch.no_grad():
+            step = grad.sign() * step_size
+            delta = delta.detach() - step if minimize else delta.detach() + step
+            delta = project_box(x, delta.clamp(-eps, eps))
+    return delta.detach(), last
+
+
+def project_box(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """The part of ``delta`` that keeps x + delta inside [0, 1]."""
+    return (x + delta).clamp(0, 1) - x
+
+
+def batches(n: int, batch_size: int) -> Iterator[slice]:
+    for i in range(0, n, batch_size):
+        yield slice(i, min(n, i + batch_size))
+
+
+def as_float(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return images.to(device).float().div_(255)
+
+
+@torch.no_grad()
+def error_rate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, delta: torch.Tensor | None,
+               device: torch.device, batch_size: int = 512) -> float:
+    """Fraction of ``images + delta`` the model misclassifies (eval mode)."""
+    model.eval()
+    wrong = 0
+    for s in batches(len(images), batch_size):
+        x = as_float(images[s], device)
+        if delta is not None:
+            x = (x + delta[s].to(device)).clamp(0, 1)
+        logits = model(x.contiguous(memory_format=torch.channels_last))
+        wrong += int((logits.argmax(1).cpu() != labels[s]).sum())
+    return wrong / max(1, len(images))
+
+
+def progress(iterable, ctx: Context, desc: str, total: int | None = None):
+    return tqdm(iterable, desc=desc, total=total, leave=False, disable=not ctx.progress)
+
+
+# ---------------------------------------------------------------- class-wise, L2, publishing
+
+def broadcast_classwise(class_delta: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """One perturbation per class (K x C x H x W) -> one per image (N x C x H x W)."""
+    return class_delta[labels.to(class_delta.device)]
+
+
+def class_means(values: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class means of ``values`` (N x ...) and a mask of the classes present."""
+    labels = labels.to(values.device)
+    sums = torch.zeros((num_classes, *values.shape[1:]), dtype=values.dtype, device=values.device)
+    sums.index_add_(0, labels, values)
+    counts = torch.bincount(labels, minlength=num_classes).to(values.dtype)
+    present = counts > 0
+    shape = (num_classes,) + (1,) * (values.ndim - 1)
+    return sums / counts.clamp_min(1).view(shape), present
+
+
+def l2_norms(delta: torch.Tensor) -> torch.Tensor:
+    return delta.flatten(1).norm(dim=1)
+
+
+def project_l2(delta: torch.Tensor, eps: float) -> torch.Tensor:
+    """Scale each perturbation (first dim) into the L2 ball of radius ``eps``."""
+    norms = l2_norms(delta).clamp_min(1e-12)
+    scale = (eps / norms).clamp(max=1.0)
+    return delta * scale.view(-1, *([1] * (delta.ndim - 1)))
+
+
+def normalize_l2(delta: torch.Tensor, eps: float) -> torch.Tensor:
+    """Scale each perturbation to L2 norm exactly ``eps`` (zero perturbations are an error)."""
+    norms = l2_norms(delta)
+    if not torch.isfinite(norms).all() or bool((norms <= 0).any()):
+        raise UEBenchError("cannot normalize a zero, NaN or infinite perturbation to the L2 budget")
+    return delta * (eps / norms).view(-1, *([1] * (delta.ndim - 1)))
+
+
+def round_linf(delta: torch.Tensor, eps: float) -> torch.Tensor:
+    """Whole uint8 steps (/255) nearest to ``delta``, within the L-inf budget."""
+    k = math.floor(eps * 255 + 1e-6)
+    return torch.round(delta * 255).clamp(-k, k) / 255
+
+
+def round_l2(delta: torch.Tensor, eps: float, tries: int = 8) -> torch.Tensor:
+    """Whole uint8 steps (/255) near ``delta`` whose per-image L2 norm stays within ``eps``.
+
+    Rounding to nearest keeps more of the perturbation than truncation; where rounding overshoots the
+    budget the image's delta is shrunk and rounded again, and as a last resort truncated (which never
+    enlarges any component, so it stays within a budget the float delta respects).
+    """
+    delta = project_l2(delta.float(), eps)
+    out = torch.round(delta * 255) / 255
+    for _ in range(tries):
+        over = l2_norms(out) > eps
+        if not bool(over.any()):
+            return out
+        shrink = (eps / l2_norms(out[over])).view(-1, *([1] * (delta.ndim - 1)))
+        delta[over] = delta[over] * shrink
+        out[over] = torch.round(delta[over] * 255) / 255
+    over = l2_norms(out) > eps
+    out[over] = torch.trunc(delta[over] * 255) / 255
+    return out
+
+
+def publish(train: ImageSet, delta: torch.Tensor, name: str) -> ImageSet:
+    """Add a perturbation already on the uint8 grid (see ``round_linf``/``round_l2``) and quantize."""
+    images = quantize(train.images, train.images.float() / 255 + delta.cpu().float())
+    return train.with_images(images, name=f"{train.name}+{name}")

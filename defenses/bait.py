@@ -1,0 +1,292 @@
+"""``bait``: class-wise perturbations bound to incorrect targets against a pretrained surrogate.
+
+Li, Xu, Cai, Fang, Wu, Lao, Ling, Wang, "When Priors Backfire: On the Vulnerability of Unlearnable
+Examples to Pretraining", ICLR 2026 (arXiv 2603.04731). Follows the official code (``perturbation.py``,
+``toolbox.py``, ``models/GAN.py``) as far as it is known:
+
+- class noise delta_k = eps * mean over class-k images of G(x), G an encoder-residual-decoder CNN with
+  a tanh output (about 41M parameters as published; ``generator=small`` for CPU presets);
+- per outer epoch: (1) one look-ahead SGD step of a functional copy of the surrogate on
+  (x + delta_y, y) -> theta'; (2) a pass over the data: one Adam step on G minimizing
+  CE(f_theta'(clip(x + delta_t)), t) with t != y, then each present class's stored delta = the batch
+  class mean; (3) one real SGD step (``surrogate_steps``) of the surrogate on (x + delta_y, y);
+- targets t follow a curriculum over thirds of the epochs: most confusable wrong class, uniform random
+  wrong class, least likely class (``select_targets``).
+
+The look-ahead is computed with ``torch.func.functional_call``. As in the official code (``higher``
+with ``copy_initial_weights=True`` and a detached stored delta), no gradient reaches G through theta',
+so theta' is built without a second-order graph by default. Deviations: the least-likely target
+excludes the true class (the official argmin may pick it), and x + delta is clipped to [0, 1] in the
+surrogate steps too.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from benchmark.data import ImageSet
+from benchmark.errors import UEBenchError
+from benchmark.models import get_spec
+from benchmark.plugins import Context, Defense, quantize
+from benchmark.registry import DEFENSES
+from benchmark.training import AUGMENTS, TrainConfig, augment_batch
+from defenses._common import class_means, error_rate, surrogate_model
+
+log = logging.getLogger(__name__)
+
+# generator size -> (base width, residual blocks); "published" is the official AdvGAN-style network
+GENERATORS = {"published": (16, 8), "small": (4, 2)}
+STAGES = ("hard", "random", "least")
+
+
+# ---------------------------------------------------------------- the generator
+
+class ResnetBlock(nn.Module):
+    """CycleGAN residual block: reflect pad, conv, BatchNorm, ReLU, reflect pad, conv, BatchNorm."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.ReflectionPad2d(1), nn.Conv2d(dim, dim, 3, bias=False), nn.BatchNorm2d(dim), nn.ReLU(True),
+            nn.ReflectionPad2d(1), nn.Conv2d(dim, dim, 3, bias=False), nn.BatchNorm2d(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class Generator(nn.Module):
+    """Encoder (6 convs, 3 downsamplings) - residual bottleneck - decoder (6 transposed convs), tanh.
+
+    Widths ``w, 2w, ..., 32w``; ``w=16`` and 8 blocks is the published network (about 41M parameters).
+    """
+
+    def __init__(self, channels: int = 3, width: int = 16, blocks: int = 8) -> None:
+        super().__init__()
+        widths = [width * 2 ** i for i in range(6)]
+        enc: list[nn.Module] = []
+        for i, w in enumerate(widths):
+            enc += [nn.Conv2d(channels if i == 0 else widths[i - 1], w, 3, stride=1 + i % 2, padding=1),
+                    nn.InstanceNorm2d(w), nn.ReLU()]
+        dec: list[nn.Module] = []
+        for i, w in enumerate(reversed(widths[:-1])):
+            stride = 2 if i % 2 == 0 else 1
+            dec += [nn.ConvTranspose2d(widths[-1 - i], w, 3, stride=stride, padding=1, output_padding=stride - 1,
+                                       bias=False), nn.InstanceNorm2d(w), nn.ReLU()]
+        dec += [nn.ConvTranspose2d(widths[0], channels, 3, stride=1, padding=1, bias=False), nn.Tanh()]
+        self.encoder = nn.Sequential(*enc)
+        self.bottleneck = nn.Sequential(*[ResnetBlock(widths[-1]) for _ in range(blocks)])
+        self.decoder = nn.Sequential(*dec)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.decoder(self.bottleneck(self.encoder(x)))
+        if out.shape[-2:] != x.shape[-2:]:  # sizes that are not multiples of 8
+            out = F.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return out
+
+
+# ---------------------------------------------------------------- pure functions
+
+def curriculum_stage(epoch: int, epochs: int) -> str:
+    """The target rule for an outer epoch: thirds of the run (30/30/30 of the published 90)."""
+    return STAGES[min(2, 3 * epoch // max(epochs, 1))]
+
+
+def select_targets(logits: torch.Tensor, labels: torch.Tensor, stage: str, gen: torch.Generator) -> torch.Tensor:
+    """Incorrect targets per sample: ``hard`` = argmax over k != y, ``random`` = uniform over k != y,
+    ``least`` = argmin over k != y. Never the true class (needs at least two classes)."""
+    n, k = logits.shape
+    if k < 2:
+        raise UEBenchError(f"bait: needs at least 2 classes to pick incorrect targets, got {k}")
+    true = F.one_hot(labels, k).bool()
+    if stage == "hard":
+        return logits.float().masked_fill(true, float("-inf")).argmax(1)
+    if stage == "least":
+        return logits.float().masked_fill(true, float("inf")).argmin(1)
+    if stage == "random":
+        shift = torch.randint(1, k, (n,), generator=gen).to(labels.device)
+        return (labels + shift) % k
+    raise UEBenchError(f"bait: unknown target stage {stage!r}; valid: {', '.join(STAGES)}")
+
+
+@dataclass(frozen=True)
+class LookAhead:
+    """A functional copy of a model's state: parameters theta' and (cloned) buffers."""
+
+    params: dict[str, torch.Tensor]
+    buffers: dict[str, torch.Tensor]
+
+
+def lookahead_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lr: float, momentum: float = 0.0,
+                   weight_decay: float = 0.0, momentum_buffers: dict[str, torch.Tensor] | None = None,
+                   create_graph: bool = False) -> LookAhead:
+    """One SGD step (PyTorch's SGD rule) of a functional copy of ``model`` on CE(model(x), y).
+
+    The model's own parameters and buffers are not changed (BatchNorm statistics update the clones).
+    With ``create_graph`` theta' stays differentiable with respect to the model's parameters.
+    """
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    logits = functional_call(model, ({**params, **frozen}, buffers), (x,))
+    grads = torch.autograd.grad(F.cross_entropy(logits.float(), y), list(params.values()), create_graph=create_graph)
+    new: dict[str, torch.Tensor] = dict(frozen)
+    for (name, p), g in zip(params.items(), grads):
+        d = g + weight_decay * p
+        buf = (momentum_buffers or {}).get(name)
+        if buf is not None and momentum:
+            d = momentum * buf + d
+        step = p - lr * d
+        new[name] = step if create_graph else step.detach()
+    return LookAhead(new, buffers)
+
+
+def call(model: nn.Module, state: LookAhead, x: torch.Tensor) -> torch.Tensor:
+    return functional_call(model, (state.params, state.buffers), (x,))
+
+
+# ---------------------------------------------------------------- the plugin
+
+@DEFENSES.register("bait")
+@dataclass(frozen=True)
+class Bait(Defense):
+    eps: float = 8 / 255                  # L-inf budget, [0, 1] pixel units
+    epochs: int = 90                      # outer epochs (30 per curriculum stage)
+    generator: str = "published"          # published (~41M params) | small (CPU presets)
+    pretrained_surrogate: bool = True     # zoo 'supervised' weights; False = random init
+    surrogate_backbone: str = "resnet18"  # zoo backbone of the surrogate (fresh K-way head)
+    surrogate_lr: float = 0.1             # SGD learning rate of the surrogate (look-ahead and real steps)
+    momentum: float = 0.9                 # surrogate SGD momentum
+    weight_decay: float = 5e-4            # surrogate SGD weight decay
+    grad_clip: float = 5.0                # max gradient norm of the real surrogate step
+    surrogate_steps: int = 1              # real surrogate steps per epoch, on its batch (official --meta_warmup_step)
+    generator_lr: float = 1e-3            # Adam learning rate of G
+    batch_size: int = 512                 # images per generator step and per surrogate step
+    train_portion: float = 1.0            # fraction of the images G trains on (official --use_subset option)
+    augment: str = "crop_flip"            # augmentation of the surrogate's batch (the official loader's)
+
+    title = "BAIT: binding perturbations to incorrect targets"
+    paper = "2603.04731"
+    venue = "ICLR"
+    year = 2026
+    authors = "Li, Xu, Cai, Fang, Wu, Lao, Ling, Wang"
+    norm = "linf"
+    granularity = "class"
+
+    def __post_init__(self) -> None:
+        checks = [
+            (0 < self.eps <= 1, "eps", self.eps, "in (0, 1]"),
+            (self.epochs >= 1, "epochs", self.epochs, ">= 1"),
+            (self.generator in GENERATORS, "generator", self.generator, f"one of {tuple(GENERATORS)}"),
+            (self.surrogate_lr > 0, "surrogate_lr", self.surrogate_lr, "> 0"),
+            (0 <= self.momentum < 1, "momentum", self.momentum, "in [0, 1)"),
+            (self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0"),
+            (self.grad_clip >= 0, "grad_clip", self.grad_clip, ">= 0 (0 = off)"),
+            (self.surrogate_steps >= 1, "surrogate_steps", self.surrogate_steps, ">= 1"),
+            (self.generator_lr > 0, "generator_lr", self.generator_lr, "> 0"),
+            (self.batch_size >= 1, "batch_size", self.batch_size, ">= 1"),
+            (0 < self.train_portion <= 1, "train_portion", self.train_portion, "in (0, 1]"),
+            (self.augment in AUGMENTS, "augment", self.augment, f"one of {AUGMENTS}"),
+        ]
+        for ok, name, value, rule in checks:
+            if not ok:
+                raise UEBenchError(f"bait: {name}={value!r} must be {rule}")
+        get_spec(self.surrogate_backbone)  # raises with the valid names
+
+    def _perturb(self, train: ImageSet, ctx: Context) -> ImageSet:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(ctx.seed)
+            delta = self.class_noise(train, ctx)
+        x = train.images.float() / 255 + delta[train.labels]
+        return train.with_images(quantize(train.images, x), name=f"{train.name}+bait")
+
+    def class_noise(self, train: ImageSet, ctx: Context) -> torch.Tensor:
+        """Run the bi-level optimization; returns the released class noise (K x C x H x W, CPU)."""
+        start = time.perf_counter()
+        dev, gen, k, cl = ctx.device, ctx.generator(), train.num_classes, torch.channels_last
+        images, labels = train.images.to(dev), train.labels.to(dev)
+        model = surrogate_model(self.surrogate_backbone, "supervised" if self.pretrained_surrogate else "scratch",
+                                train, ctx).to(memory_format=cl)
+        net = Generator(train.image_shape[0], *GENERATORS[self.generator]).to(dev, memory_format=cl)
+        opt_g = torch.optim.Adam(net.parameters(), lr=self.generator_lr)
+        opt_s = torch.optim.SGD(model.parameters(), lr=self.surrogate_lr, momentum=self.momentum,
+                                weight_decay=self.weight_decay)
+        protocol = TrainConfig(augment=self.augment)
+        delta = torch.zeros(k, *train.image_shape, device=dev)
+        n, bs = len(train), self.batch_size
+        pool = torch.randperm(n, generator=gen)[: max(1, round(self.train_portion * n))].to(dev)
+        hits = seen = 0
+        loss_g = float("nan")
+        for epoch in tqdm(range(self.epochs), desc="bait", unit="ep", leave=False, disable=not ctx.progress):
+            stage = curriculum_stage(epoch, self.epochs)
+            batch = pool[torch.randperm(len(pool), generator=gen)[:bs].to(dev)]
+            xs = augment_batch(images[batch], protocol, gen).float() / 255
+            ys = labels[batch]
+            # (1) look-ahead: theta' from one SGD step of a functional copy on (x + delta_y, y)
+            model.train()
+            buffers = {name: opt_s.state[p]["momentum_buffer"] for name, p in model.named_parameters()
+                       if "momentum_buffer" in opt_s.state.get(p, {})}
+            theta = lookahead_step(model, (xs + delta[ys]).clamp(0, 1).contiguous(memory_format=cl), ys,
+                                   lr=self.surrogate_lr, momentum=self.momentum, weight_decay=self.weight_decay,
+                                   momentum_buffers=buffers)
+            # (2) a pass of generator steps binding delta_t to the incorrect target t
+            hits = seen = 0
+            order = pool[torch.randperm(len(pool), generator=gen).to(dev)]
+            for i in range(0, len(order), bs):
+                idx = order[i: i + bs]
+                xb, yb = (images[idx].float() / 255).contiguous(memory_format=cl), labels[idx]
+                with torch.no_grad():
+                    target = select_targets(call(model, theta, xb), yb, stage, gen)
+                means, _ = class_means(net(xb), yb, k)
+                x_adv = (xb + self.eps * means[target]).clamp(0, 1).contiguous(memory_format=cl)
+                logits = call(model, theta, x_adv)
+                loss = F.cross_entropy(logits.float(), target)
+                opt_g.zero_grad(set_to_none=True)
+                loss.backward()
+                opt_g.step()
+                loss_g = float(loss.detach())
+                hits += int((logits.detach().argmax(1) == target).sum())
+                seen += len(yb)
+                with torch.no_grad():
+                    means, present = class_means(net(xb), yb, k)
+                    delta[present] = (self.eps * means[present]).clamp(-self.eps, self.eps)
+            log.debug("bait epoch %d (%s): generator loss %.3f, target hit rate %.2f", epoch, stage, loss_g,
+                      hits / max(seen, 1))
+            # (3) real steps of the surrogate on the look-ahead batch with the updated noise
+            for _ in range(self.surrogate_steps):
+                opt_s.zero_grad(set_to_none=True)
+                x_s = (xs + delta[ys]).clamp(0, 1).contiguous(memory_format=cl)
+                F.cross_entropy(model(x_s).float(), ys).backward()
+                if self.grad_clip > 0:
+                    nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
+                opt_s.step()
+        release = self._release(net, images, labels, k)
+        error = error_rate(model, train.images, train.labels, release[train.labels].cpu(), dev, bs)
+        seconds = time.perf_counter() - start
+        ctx.metrics.update({"surrogate_train_error": error, "generator_loss": loss_g,
+                            "target_hit_rate": hits / max(seen, 1), "generation_seconds": seconds,
+                            "generator_parameters": sum(p.numel() for p in net.parameters())})
+        log.info("bait: %d epochs, generator loss %.3f, target hit rate %.2f, surrogate error %.3f, %.0fs",
+                 self.epochs, loss_g, hits / max(seen, 1), error, seconds)
+        return release.cpu()
+
+    @torch.no_grad()
+    def _release(self, net: Generator, images: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+        """delta_k = eps * mean of G(x) over all class-k training images (G in eval mode), clamped."""
+        net.eval()
+        sums = torch.zeros(k, *images.shape[1:], device=images.device)
+        counts = torch.zeros(k, device=images.device)
+        for i in range(0, len(images), self.batch_size):
+            xb, yb = images[i: i + self.batch_size].float() / 255, labels[i: i + self.batch_size]
+            means, _ = class_means(net(xb.contiguous(memory_format=torch.channels_last)), yb, k)
+            c = torch.bincount(yb, minlength=k).float()
+            sums += means * c.view(-1, 1, 1, 1)
+            counts += c
+        return (self.eps * sums / counts.clamp(min=1).view(-1, 1, 1, 1)).clamp(-self.eps, self.eps)

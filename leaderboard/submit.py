@@ -1,0 +1,174 @@
+"""``run_benchmark.py submit my_ue.py``: validate a UE generator plugin, run its cells, rank it.
+
+Steps, and what refuses a submission (with a message naming the problem; the store and the entries
+are left unchanged by a refusal):
+
+1. load the file: it must register exactly one defense (and no attack);
+2. metadata: title, paper (arXiv id or http(s) URL), venue and year, a declared norm (with a positive
+   budget unless ``none``) and granularity (``class`` or ``sample``);
+3. a trial ``perturb`` on a few images of the preset's training set, through ``Defense.perturb`` (the
+   engine's shape, label and budget checks), then the full protected set of every seed (cached);
+4. run its cells of the preset (``clean`` references already in the store are reused), write its
+   entry, rebuild the leaderboard from the entries, report its row and rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from benchmark.config import configure
+from benchmark.data import balanced_subset
+from benchmark.errors import UEBenchError
+from benchmark.plugins import GRANULARITIES, NORMS, Defense
+from benchmark.presets import Preset
+from benchmark.registry import ATTACKS, DEFENSES, load_plugin_file
+from benchmark.runner import Runner, plan
+from leaderboard.cli import Published, board_from_store, plan_grid, preset_info, publish
+from leaderboard.entries import entry_path, load_entries, read_entry, write_entries
+from leaderboard.scores import ARXIV_ID
+from leaderboard.tables import markdown, ranking_frame
+
+log = logging.getLogger(__name__)
+
+TRIAL_PER_CLASS = 2  # images per class in the trial perturb
+
+
+@dataclass(frozen=True)
+class Submission:
+    name: str
+    label: str
+    entry: Path
+    published: Published
+    rank: float
+    ranked: int
+    flag: str
+
+    def report(self) -> str:
+        board = self.published.board
+        row = ranking_frame(board)
+        row = row[row["defense"] == self.label]
+        where = "not ranked: " + self.flag if self.flag else f"rank {int(self.rank)} of {self.ranked} ranked defenses"
+        return "\n".join([markdown(row), "", f"{self.label}: {where}", f"entry: {self.entry}",
+                          f"leaderboard: {self.published.site}"])
+
+
+def _fail(path: str | Path, why: str) -> UEBenchError:
+    return UEBenchError(f"submission {str(path)!r} refused: {why}")
+
+
+def load_submission(path: str | Path) -> type[Defense]:
+    """Load the file and return its one defense class; anything else it registered is unregistered."""
+    before = {"defense": set(DEFENSES.names()), "attack": set(ATTACKS.names())}
+    try:
+        added = load_plugin_file(path)
+    except UEBenchError as exc:
+        _forget(before)
+        raise _fail(path, str(exc)) from exc
+    defenses = [a.split(":", 1)[1] for a in added if a.startswith("defense:")]
+    attacks = [a.split(":", 1)[1] for a in added if a.startswith("attack:")]
+    if len(defenses) != 1 or attacks:
+        _forget(before)
+        found = ", ".join(added) or "nothing"
+        raise _fail(path, f"a submission file must register exactly one defense and no attack; it registered {found}")
+    return DEFENSES.get(defenses[0])
+
+
+def _forget(before: dict[str, set[str]]) -> None:
+    for registry, kind in ((DEFENSES, "defense"), (ATTACKS, "attack")):
+        for name in set(registry.names()) - before[kind]:
+            registry.unregister(name)
+
+
+def check_metadata(cls: type[Defense], path: str | Path = "") -> Defense:
+    """The defaults must build and the metadata must be complete; returns the default instance."""
+    try:
+        plugin = cls()
+    except UEBenchError as exc:
+        raise _fail(path, f"{cls.name}() with its default hyperparameters fails: {exc}") from exc
+    except Exception as exc:
+        raise _fail(path, f"{cls.name}() with its default hyperparameters raised {type(exc).__name__}: {exc}") from exc
+    meta = plugin.metadata()
+    problems = []
+    if not str(meta.get("title") or "").strip():
+        problems.append("title is empty (set the class attribute title = '...')")
+    paper = str(meta.get("paper") or "").strip()
+    if not (ARXIV_ID.match(paper) or re.match(r"^https?://\S+$", paper)):
+        problems.append(f"paper={paper!r} must be an arXiv id like '2101.04898' or an http(s) URL")
+    if not str(meta.get("venue") or "").strip():
+        problems.append("venue is empty (e.g. 'ICLR', or 'arXiv' for a preprint)")
+    year = meta.get("year")
+    if not isinstance(year, int) or not 1990 <= year <= 2100:
+        problems.append(f"year={year!r} must be the publication year")
+    declared = {k for klass in cls.__mro__ if klass not in Defense.__mro__ for k in vars(klass)}
+    if "norm" not in declared or meta["norm"] not in NORMS:
+        problems.append(f"norm must be declared as a class attribute, one of {list(NORMS)}; found {meta['norm']!r}")
+    elif meta["norm"] != "none" and not meta["budget"] > 0:
+        problems.append(f"budget={meta['budget']!r} must be > 0 for norm {meta['norm']!r} (a field named eps, or "
+                        f"override threat_model())")
+    granularity_declared = "granularity" in declared or hasattr(plugin, "mode") or "threat_model" in declared
+    if not granularity_declared or meta["granularity"] not in GRANULARITIES[:2]:
+        problems.append(f"granularity must be declared, 'class' or 'sample'; found {meta['granularity']!r}")
+    if problems:
+        raise _fail(path, f"defense {cls.name!r} has incomplete metadata: " + "; ".join(problems))
+    return plugin
+
+
+def trial(runner: Runner, cells: list, label: str, path: str | Path) -> None:
+    """``perturb`` on a few images, then the full protected set of each seed (the engine checks both)."""
+    mine = [c for c in cells if c.defense.label == label]
+    first = mine[0]
+    splits = runner.splits(first.dataset)
+    few, _ = balanced_subset(splits.train, min(len(splits.train), TRIAL_PER_CLASS * splits.train.num_classes),
+                             first.seed)
+    ctx = runner.context(first, splits)
+    steps = [("a trial on a few images", lambda: first.defense.plugin.perturb(few, ctx))]
+    for seed in sorted({c.seed for c in mine}):
+        cell = next(c for c in mine if c.seed == seed)
+        steps.append((f"the full training set (seed {seed})", lambda cell=cell: runner.protected(cell)))
+    for what, step in steps:
+        try:
+            step()
+        except UEBenchError as exc:
+            raise _fail(path, f"perturb on {what} failed the engine's checks: {exc}") from exc
+        except Exception as exc:
+            raise _fail(path, f"perturb on {what} raised {type(exc).__name__}: {exc}") from exc
+
+
+def submit(path: str | Path, preset: Preset, *, out_dir: str | Path, entries_dir: str | Path,
+           device: torch.device, cache_dir: str | Path | None = None, progress: bool = True) -> Submission:
+    """Validate, run, write the entry and rank the defense that ``path`` registers."""
+    before = {"defense": set(DEFENSES.names()), "attack": set(ATTACKS.names())}
+    cls = load_submission(path)
+    try:
+        check_metadata(cls, path)
+        label = configure(DEFENSES, cls.name, preset.defense_protocol).label
+        cells = plan(preset, defenses=[cls.name])
+        group = plan_grid(cells)["group"].iloc[0]
+        existing = entry_path(Path(entries_dir), group, label)
+        if existing.is_file() and read_entry(existing).get("title") != cls.title:
+            raise _fail(path, f"the name {cls.name!r} is taken by the entry {existing} "
+                              f"({read_entry(existing).get('title')!r}); register your defense under another name")
+        runner = Runner(out_dir, device=device, cache_dir=cache_dir, progress=progress)
+        trial(runner, cells, label, path)
+        summary = runner.run(cells)
+        if summary.failed:
+            lines = [f"{r.defense} / {r.attack} / {r.backbone} / seed {r.seed}: {r.error}" for r in summary.failed]
+            raise UEBenchError(f"{len(lines)} cell(s) failed; no entry written (rerun to retry them):\n  "
+                               + "\n  ".join(lines))
+        board = board_from_store(out_dir, keys=[c.key for c in cells], grid=plan_grid(cells),
+                                 presets={preset.name: preset_info(preset)}, metadata_fallback=None)
+        reference = [] if entry_path(Path(entries_dir), group, "clean").is_file() else ["clean"]
+        write_entries(board, entries_dir, defenses=[label, *reference])
+        entry = entry_path(Path(entries_dir), group, label)
+    finally:
+        _forget(before)
+    full = load_entries(entries_dir, [group])
+    published = publish(full, Path(out_dir) / "leaderboard")
+    s = full.scores[full.scores["defense"] == label].iloc[0]
+    ranked = int(full.scores["rank"].notna().sum())
+    return Submission(cls.name, label, entry, published, float(s["rank"]), ranked, str(s["flag"]))

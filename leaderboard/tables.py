@@ -1,0 +1,162 @@
+"""Leaderboard tables: markdown, LaTeX and CSV (pandas + tabulate), generated from a ``Leaderboard``.
+
+Per group (preset + data set): the ranking (worst-case accuracy, lower is better) and, per backbone,
+the defense x attack matrix of seed-averaged clean test accuracy.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+from tabulate import tabulate
+
+from leaderboard.scores import Leaderboard, budget_text
+
+LATEX_SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+PM_TEX = " $\\pm$ "
+
+
+def _isnan(v: object) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def acc_text(mean: float, std: float | None = None, pm: str = " ± ") -> str:
+    """``12.3 ± 0.4`` (the std only when there are several seeds); ``-`` when there is no number."""
+    if _isnan(mean):
+        return "-"
+    return f"{mean:.1f}" if _isnan(std) else f"{mean:.1f}{pm}{std:.1f}"
+
+
+def num_text(v: float, fmt: str = ".2f") -> str:
+    return "-" if _isnan(v) else format(v, fmt)
+
+
+def threat_text(norm: str, budget: float, granularity: str) -> str:
+    """``linf 8/255 class``; ``none`` for the reference."""
+    parts = [norm] if norm != "none" else []
+    parts += [budget_text(norm, budget)] if norm != "none" else []
+    parts += [granularity] if granularity != "none" else []
+    return " ".join(parts) or "none"
+
+
+def ranking_frame(board: Leaderboard, pm: str = " ± ") -> pd.DataFrame:
+    """The display table of one group (or all groups, with a group column)."""
+    rows = []
+    several = len(board.groups()) > 1
+    for s in board.ranked().itertuples(index=False):
+        notes = [s.flag] if s.flag else []
+        if s.interpretation:
+            notes.append("interpretation")
+        row = {
+            "rank": "-" if _isnan(s.rank) else str(int(s.rank)),
+            "defense": s.defense,
+            "method": s.title or "",
+            "venue": " ".join(str(x) for x in (s.venue, s.year or "") if x),
+            "threat model": threat_text(s.norm, s.budget, s.granularity),
+            "worst-case acc. (%)": acc_text(s.worst_accuracy, s.worst_std, pm),
+            "worst case": f"{s.worst_attack} / {s.worst_backbone}" if s.worst_attack else "-",
+            "mean acc. (%)": acc_text(s.mean_accuracy),
+            "min protection": num_text(s.min_protection),
+            "cells": f"{s.cells_ok}/{s.cells_expected}",
+            "note": "; ".join(notes),
+        }
+        rows.append({"group": s.group, **row} if several else row)
+    return pd.DataFrame(rows)
+
+
+def matrix_frame(board: Leaderboard, backbone: str, pm: str = " ± ") -> pd.DataFrame:
+    """Defense x attack accuracy (seeds averaged) of one group and backbone; ``failed`` / ``-`` (missing)."""
+    agg = board.aggregated[board.aggregated["backbone"] == backbone]
+    attacks = list(dict.fromkeys(board.grid[board.grid["backbone"] == backbone]["attack"]))
+    order = list(dict.fromkeys(board.ranked()["defense"]))
+    rows = []
+    for defense in order:
+        row = {"defense": defense}
+        for attack in attacks:
+            hit = agg[(agg["defense"] == defense) & (agg["attack"] == attack)]
+            if hit.empty:
+                row[attack] = "-"
+            elif hit["seeds_ok"].iloc[0] == 0:
+                row[attack] = "failed"
+            else:
+                row[attack] = acc_text(hit["accuracy_mean"].iloc[0], hit["accuracy_std"].iloc[0], pm)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["defense", *attacks])
+
+
+def markdown(df: pd.DataFrame) -> str:
+    esc = df.map(lambda v: str(v).replace("|", "\\|"))
+    esc.columns = [str(c).replace("|", "\\|") for c in df.columns]
+    return tabulate(esc, headers="keys", tablefmt="github", showindex=False, disable_numparse=True)
+
+
+def latex_escape(text: str) -> str:
+    return "".join(LATEX_SPECIALS.get(ch, ch) for ch in str(text))
+
+
+def latex(df: pd.DataFrame) -> str:
+    """A booktabs tabular; cell text is escaped, except the ``$\\pm$`` that ``PM_TEX`` puts in accuracies."""
+    def cell(v: object) -> str:
+        return PM_TEX.join(latex_escape(part) for part in str(v).split(PM_TEX))
+
+    lines = [f"\\begin{{tabular}}{{{'l' * len(df.columns)}}}", "\\toprule",
+             " & ".join(latex_escape(c) for c in df.columns) + " \\\\", "\\midrule"]
+    lines += [" & ".join(cell(v) for v in row) + " \\\\" for row in df.itertuples(index=False)]
+    lines += ["\\bottomrule", "\\end{tabular}"]
+    return "\n".join(lines)
+
+
+def backbones(board: Leaderboard) -> list[str]:
+    return sorted(board.grid["backbone"].unique())
+
+
+def group_markdown(board: Leaderboard) -> str:
+    """The markdown of one group: title, protocol, ranking, one matrix per backbone."""
+    (group,) = board.groups()
+    s = board.scores.iloc[0]
+    lines = [f"## {group}: {board.dataset_text()}, preset {s.preset}", ""]
+    info = board.presets.get(s.preset, {})
+    for key in ("description", "protocol_note"):
+        if info.get(key):
+            lines += [f"{key.replace('_', ' ').capitalize()}: {info[key]}", ""]
+    lines += ["Worst case = the highest clean test accuracy (%) that any attack x backbone reaches against the "
+              f"defense (lower is better); chance = {s.chance:.1f} %. Incomplete grids are not ranked.", "",
+              markdown(ranking_frame(board)), ""]
+    for bb in backbones(board):
+        lines += [f"### {bb}: clean test accuracy (%)", "", markdown(matrix_frame(board, bb)), ""]
+    return "\n".join(lines)
+
+
+def scores_csv(board: Leaderboard) -> pd.DataFrame:
+    return board.ranked()
+
+
+def cells_csv(board: Leaderboard) -> pd.DataFrame:
+    return board.aggregated.sort_values(["group", "defense", "attack", "backbone"]).reset_index(drop=True)
+
+
+def write_tables(board: Leaderboard, out_dir: str | Path) -> list[Path]:
+    """Per group: ``leaderboard.md``, ``leaderboard.tex``, ``leaderboard.csv`` (scores), ``cells.csv``."""
+    out_dir = Path(out_dir)
+    written = []
+    for group in board.groups():
+        sub = board.subset(group)
+        d = out_dir / group
+        d.mkdir(parents=True, exist_ok=True)
+        tex = [f"% {group}: ranking (generated by uebench; do not edit)", latex(ranking_frame(sub, PM_TEX))]
+        for bb in backbones(sub):
+            tex += [f"% {group} / {bb}: clean test accuracy (%)", latex(matrix_frame(sub, bb, PM_TEX))]
+        outputs: dict[str, Callable[[], str]] = {
+            "leaderboard.md": lambda: group_markdown(sub) + "\n",
+            "leaderboard.tex": lambda: "\n\n".join(tex) + "\n",
+            "leaderboard.csv": lambda: scores_csv(sub).to_csv(index=False, float_format="%.4f"),
+            "cells.csv": lambda: cells_csv(sub).to_csv(index=False, float_format="%.4f"),
+        }
+        for name, make in outputs.items():
+            (d / name).write_text(make())
+            written.append(d / name)
+    return written

@@ -1,0 +1,343 @@
+"""The leaderboard: scores, entries, tables, plots, the site and the ``leaderboard`` command.
+
+Stores are built by writing ``CellRecord``s directly (numbers chosen by the test), plus one tiny real
+run through the command line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from benchmark.config import configure
+from benchmark.registry import DEFENSES
+from benchmark.store import CellRecord, Store
+from leaderboard.entries import load_entries, make_entries, read_entry, store_metadata, write_entries
+from leaderboard.plots import write_plots
+from leaderboard.scores import cells_from_store, protection, score
+from leaderboard.site import render
+from leaderboard.tables import group_markdown, latex, markdown, ranking_frame, write_tables
+
+ATTACK_CONFIGS = {"scratch": {"name": "scratch"}, "linear_probe": {"name": "linear_probe"},
+                  "frozen_shallow": {"name": "frozen_shallow", "k": 1},
+                  "frozen_shallow(k=2)": {"name": "frozen_shallow", "k": 2}}
+
+
+def record(defense: str, attack: str, backbone: str, seed: int, acc: float | None, *, status: str = "ok",
+           preset: str = "t", dataset: str = "shapes", name: str | None = None, t: float = 0.0) -> CellRecord:
+    """A cell as the runner would store it; ``name`` is the registered defense behind the label."""
+    name = name or defense.split("(")[0]
+    config = {"defense": {"name": name, "version": 1}, "attack": ATTACK_CONFIGS.get(attack, {"name": attack}),
+              "dataset": {"name": dataset, "train_size": 40}, "seed": seed}
+    key = f"{preset}|{dataset}|{defense}|{attack}|{backbone}|{seed}|{t}"
+    return CellRecord(key=key, preset=preset, dataset=dataset, defense=defense, attack=attack, backbone=backbone,
+                      seed=seed, status=status, accuracy=acc if status == "ok" else None, train_accuracy=50.0,
+                      seconds=1.0, defense_seconds=0.0, peak_memory_mb=1.0, error=None if status == "ok" else "boom",
+                      config=config, metrics={"perturbation": {"linf": 8.0}}, environment={"torch": "x"},
+                      started_at=t, finished_at=t + 1)
+
+
+# clean 90/80, random_noise worst 70 (scratch/b1), random_noise(mode=class) worst 60 but mean higher
+GRID = {
+    ("clean", "scratch", "b1"): 90.0, ("clean", "linear_probe", "b1"): 80.0,
+    ("random_noise", "scratch", "b1"): 70.0, ("random_noise", "linear_probe", "b1"): 50.0,
+    ("random_noise(mode=class)", "scratch", "b1"): 20.0, ("random_noise(mode=class)", "linear_probe", "b1"): 60.0,
+}
+
+
+def make_store(path: Path, rows: dict | None = None, extra: list[CellRecord] | None = None) -> Path:
+    with Store(path / "results.sqlite") as store:
+        for (d, a, b), acc in (GRID if rows is None else rows).items():
+            store.put(record(d, a, b, 0, acc))
+        for rec in extra or []:
+            store.put(rec)
+    return path
+
+
+def board_of(path: Path):
+    with Store(path / "results.sqlite") as store:
+        cells = cells_from_store(store)
+    return score(cells, metadata=store_metadata(cells, None))
+
+
+def row(board, defense: str) -> pd.Series:
+    s = board.scores
+    return s[s["defense"] == defense].iloc[0]
+
+
+def test_protection_formula():
+    assert protection(10.0, 90.0, 10.0) == pytest.approx(1.0), "accuracy at chance must give protection 1"
+    assert protection(90.0, 90.0, 10.0) == pytest.approx(0.0), "accuracy at the clean level must give 0"
+    assert protection(50.0, 90.0, 10.0) == pytest.approx(0.5), "half way must give 0.5"
+    assert math.isnan(protection(5.0, 10.0, 10.0)), "a clean reference at chance leaves protection undefined"
+
+
+def test_worst_case_mean_and_rank(tmp_path):
+    board = board_of(make_store(tmp_path))
+    rn, rc = row(board, "random_noise"), row(board, "random_noise(mode=class)")
+    assert rn["worst_accuracy"] == pytest.approx(70.0), f"worst case must be the highest accuracy, got {rn['worst_accuracy']}"
+    assert (rn["worst_attack"], rn["worst_backbone"]) == ("scratch", "b1"), "worst case must name its attack/backbone"
+    assert rn["mean_accuracy"] == pytest.approx(60.0), f"mean must be over the grid, got {rn['mean_accuracy']}"
+    assert rc["worst_accuracy"] == pytest.approx(60.0), f"class-wise worst case wrong: {rc['worst_accuracy']}"
+    assert (rc["rank"], rn["rank"]) == (1, 2), "the lower worst case must rank first, whatever the mean"
+    assert rn["min_protection"] == pytest.approx((90 - 70) / 80), "min protection uses the same cell's clean ref"
+    clean = row(board, "clean")
+    assert clean["reference"] and math.isnan(clean["rank"]), "clean must be shown as a reference, not ranked"
+    assert list(board.ranked()["defense"]) == ["random_noise(mode=class)", "random_noise", "clean"], \
+        "display order must be ranked defenses, then the reference"
+
+
+def test_mean_breaks_ties(tmp_path):
+    rows = dict(GRID)
+    rows[("random_noise(mode=class)", "linear_probe", "b1")] = 70.0
+    rows[("random_noise(mode=class)", "scratch", "b1")] = 60.0
+    board = board_of(make_store(tmp_path, rows))
+    assert row(board, "random_noise(mode=class)")["rank"] == 2, "equal worst cases must be ordered by the mean"
+    assert row(board, "random_noise")["rank"] == 1, "the lower mean must win a tie"
+
+
+def test_seeds_are_averaged_before_the_worst_case(tmp_path):
+    extra = [record("random_noise", "scratch", "b1", 1, 30.0), record("random_noise", "linear_probe", "b1", 1, 40.0),
+             record("clean", "scratch", "b1", 1, 90.0), record("clean", "linear_probe", "b1", 1, 80.0),
+             record("random_noise(mode=class)", "scratch", "b1", 1, 20.0),
+             record("random_noise(mode=class)", "linear_probe", "b1", 1, 60.0)]
+    board = board_of(make_store(tmp_path, extra=extra))
+    rn = row(board, "random_noise")
+    assert rn["worst_accuracy"] == pytest.approx(50.0), "seeds 70 and 30 must average to 50 before the max"
+    assert rn["worst_std"] == pytest.approx(pd.Series([70.0, 30.0]).std()), "std must be over seeds"
+    assert rn["cells_expected"] == 4, f"2 attacks x 2 seeds expected, got {rn['cells_expected']}"
+
+
+def test_unfinished_grids_are_flagged_not_ranked(tmp_path):
+    rows = dict(GRID)
+    del rows[("random_noise", "linear_probe", "b1")]
+    failed = record("random_noise(mode=class)", "scratch", "b2", 0, None, status="failed")
+    board = board_of(make_store(tmp_path, rows, extra=[failed]))
+    rn, rc = row(board, "random_noise"), row(board, "random_noise(mode=class)")
+    # its own missing linear_probe/b1 cell, plus scratch/b2 that another defense (failed) put in the grid
+    assert math.isnan(rn["rank"]) and "2 missing" in rn["flag"], f"missing cells must be flagged: {rn['flag']!r}"
+    assert math.isnan(rc["rank"]) and "1 failed" in rc["flag"], f"a failed cell must be flagged: {rc['flag']!r}"
+    md = markdown(ranking_frame(board))
+    assert "incomplete" in md, "the table must show the flag"
+    assert "incomplete" in row(board, "clean")["flag"], "the reference misses the b2 cell too and must say so"
+
+
+def test_latest_row_wins_and_clean_reference_stays_in_its_preset(tmp_path):
+    extra = [record("random_noise", "scratch", "b1", 0, 10.0, t=5.0),  # a later rerun of the same label
+             record("clean", "scratch", "b1", 0, 30.0, preset="other")]  # same data set, another preset
+    board = board_of(make_store(tmp_path, extra=extra))
+    t = board.cells[(board.cells["preset"] == "t") & (board.cells["defense"] == "random_noise")
+                    & (board.cells["attack"] == "scratch")]
+    assert list(t["accuracy"]) == [10.0], f"the latest row of a label must count, got {list(t['accuracy'])}"
+    assert list(t["clean_accuracy"]) == [90.0], "the clean reference must come from the same preset"
+
+
+def test_entries_round_trip_reproduces_the_tables(tmp_path):
+    board = board_of(make_store(tmp_path, extra=[record("random_noise", "scratch", "b1", 1, 65.0)]))
+    paths = write_entries(board, tmp_path / "entries")
+    assert sorted(p.name for p in paths) == ["clean.json", "random_noise.json", "random_noise_mode=class.json"], \
+        f"one entry per defense expected, got {[p.name for p in paths]}"
+    entry = json.loads((tmp_path / "entries" / "t" / "random_noise.json").read_text(),
+                       parse_constant=lambda c: pytest.fail(f"entries must not contain {c}"))
+    assert isinstance(entry["year"], int) and entry["year"] == 2021, f"year must be a number: {entry['year']!r}"
+    assert isinstance(entry["threat_model"]["budget"], float), "the budget must be a number"
+    assert all(isinstance(r["accuracy"], float) for r in entry["results"]), "accuracies must be numbers"
+    assert entry["paper_url"] == "https://arxiv.org/abs/2101.04898", f"paper link wrong: {entry['paper_url']}"
+    again = load_entries(tmp_path / "entries")
+    assert group_markdown(again) == group_markdown(board), "tables from entries must equal tables from the store"
+    assert latex(ranking_frame(again)) == latex(ranking_frame(board)), "LaTeX from entries must match the store's"
+    pd.testing.assert_frame_equal(again.ranked().drop(columns=["version"]), board.ranked().drop(columns=["version"]),
+                                  check_dtype=False, obj="scores from entries")
+
+
+def test_incomplete_grid_survives_the_entries(tmp_path):
+    rows = dict(GRID)
+    del rows[("random_noise", "linear_probe", "b1")]
+    board = board_of(make_store(tmp_path, rows))
+    write_entries(board, tmp_path / "entries")
+    again = load_entries(tmp_path / "entries")
+    assert "1 missing" in row(again, "random_noise")["flag"], "a missing cell must stay flagged after the entries"
+
+
+@pytest.mark.parametrize("name", DEFENSES.names())
+def test_every_registered_defense_makes_a_typed_entry(tmp_path, name):
+    cfg = configure(DEFENSES, name).config()
+    rec = record(name, "scratch", "b1", 0, 42.0)
+    rec = CellRecord(**{**rec.__dict__, "config": {**rec.config, "defense": cfg}})
+    with Store(tmp_path / "results.sqlite") as store:
+        store.put(rec)
+        cells = cells_from_store(store)
+    board = score(cells, metadata=store_metadata(cells, None))
+    (entry,) = make_entries(board).values()
+    json.dumps(entry, allow_nan=False)
+    assert entry["title"], f"defense {name!r} has no title for the leaderboard"
+    assert entry["threat_model"]["norm"] in ("linf", "l2", "l0", "none"), f"{name}: bad norm"
+    assert isinstance(entry["year"], int), f"{name}: year must be an int, got {entry['year']!r}"
+
+
+def test_markdown_and_latex_escape(tmp_path):
+    df = pd.DataFrame({"defense": ["a|b", "x_y&z%"]})
+    assert "a\\|b" in markdown(df), "a | inside a markdown cell must be escaped"
+    tex = latex(df)
+    assert "x\\_y\\&z\\%" in tex and "\\toprule" in tex, f"LaTeX must escape _ & %: {tex}"
+
+
+def test_tables_plots_and_site_are_written(tmp_path):
+    extra = [record(d, "frozen_shallow(k=2)", "b1", 0, acc) for d, acc in
+             (("clean", 85.0), ("random_noise", 65.0), ("random_noise(mode=class)", 40.0))]
+    extra += [record(d, "frozen_shallow", "b1", 0, acc) for d, acc in
+              (("clean", 88.0), ("random_noise", 75.0), ("random_noise(mode=class)", 45.0))]
+    board = board_of(make_store(tmp_path, extra=extra))
+    tables = write_tables(board, tmp_path / "out")
+    assert {p.name for p in tables} == {"leaderboard.md", "leaderboard.tex", "leaderboard.csv", "cells.csv"}, \
+        f"tables missing: {tables}"
+    csv = pd.read_csv(tmp_path / "out" / "t" / "leaderboard.csv")
+    assert csv["worst_accuracy"].dtype.kind == "f", "the CSV must hold numbers"
+    plots = write_plots(board, tmp_path / "out")["t"]
+    names = {p.name for p in plots}
+    assert {"heatmap.png", "worst_case.png", "freeze_depth.png", "heatmap.pdf"} <= names, f"plots missing: {names}"
+    for p in plots:
+        if p.suffix == ".png":
+            assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{p.name} is not a PNG"
+    html = render(board, {"t": plots})
+    assert "<link" not in html and 'src="http' not in html, "the page must not load external assets"
+    assert html.count('src="data:image/png;base64,') == 3, "the three PNGs must be inlined"
+
+
+def test_site_escapes_plugin_text(tmp_path):
+    evil = "evil<script>alert(1)</script>"
+    board = board_of(make_store(tmp_path, extra=[record(evil, "scratch", "b1", 0, 5.0, name="evil")]))
+    meta = {("t", evil): {"title": '<img src=x onerror="alert(2)">', "paper": "javascript:alert(3)"}}
+    board = score(board.cells, metadata=meta)
+    html = render(board)
+    assert "<script>alert(1)" not in html and "&lt;script&gt;alert(1)" in html, "a label must be escaped"
+    assert "<img src=x" not in html, "a title must be escaped"
+    assert "javascript:" not in html, "only http(s) and arXiv papers may become links"
+
+
+def test_cli_run_ends_with_the_leaderboard_and_entries_rebuild_it(tmp_path, capsys):
+    import run_benchmark
+
+    preset = tmp_path / "tiny.toml"
+    preset.write_text('extends = "quick"\nname = "tinylb"\nbackbones = ["resnet_tiny"]\n'
+                      '[dataset]\ntrain_size = 40\ntest_size = 20\nsource_size = 40\n'
+                      '[attack_protocol.scratch]\nepochs = 1\n')
+    out = tmp_path / "res"
+    code = run_benchmark.main(["run", "--preset", str(preset), "--out", str(out), "--no-progress"])
+    printed = capsys.readouterr().out
+    assert code == 0, f"the tiny run failed: {printed[-2000:]}"
+    assert "## tinylb: shapes" in printed and "worst-case acc." in printed, "run must end with the leaderboard"
+    lb = out / "leaderboard"
+    assert (lb / "index.html").is_file() and (lb / "tinylb" / "heatmap.png").is_file(), "site and plots missing"
+    entries = sorted(p.name for p in (lb / "entries" / "tinylb").glob("*.json"))
+    assert entries == ["clean.json", "random_noise.json", "random_noise_mode=class.json"], f"entries: {entries}"
+    assert read_entry(lb / "entries" / "tinylb" / "clean.json")["protocol"]["protocol_note"], \
+        "the preset's protocol note must travel with the entries"
+    md_store = (lb / "tinylb" / "leaderboard.md").read_text()
+    code = run_benchmark.main(["leaderboard", "--entries", str(lb / "entries"), "--out", str(tmp_path / "from_entries")])
+    assert code == 0, "leaderboard from entries failed"
+    md_entries = (tmp_path / "from_entries" / "tinylb" / "leaderboard.md").read_text()
+    assert md_entries == md_store, "the leaderboard from entries must equal the one from the store"
+
+
+def test_cli_leaderboard_without_entries_fails_clearly(tmp_path, capsys):
+    import run_benchmark
+
+    code = run_benchmark.main(["leaderboard", "--entries", str(tmp_path / "none"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "no leaderboard entries" in err, f"expected a one-line error, got {code}: {err}"
+
+
+FIGURE_PRESET = """
+extends = "quick"
+name = "tinyfig"
+backbones = ["resnet_tiny"]
+[dataset]
+train_size = 40
+test_size = 20
+source_size = 40
+[attack_protocol."*"]
+epochs = 1
+[attack_protocol.scratch]
+epochs = 1
+[zoo.supervised]
+epochs = 1
+[zoo.sf]
+epochs = 1
+"""
+
+
+# kept small: the trained figures share the clean cells; only paradigm-gap also trains a UE
+FIGURE_DEFENSES = {"paradigm-gap": ["random_noise:mode=class"], "freeze-depth": ["clean"],
+                   "finetune-table": ["clean"], "gallery": ["random_noise:mode=class"]}
+
+
+@pytest.fixture(scope="module")
+def figures_dir(tmp_path_factory):
+    """Every figure reproduced once on a tiny preset, sharing one results directory."""
+    import torch
+
+    from benchmark.presets import load_preset
+    from leaderboard.figures import FIGURES, reproduce
+
+    root = tmp_path_factory.mktemp("figures")
+    (root / "tiny.toml").write_text(FIGURE_PRESET)
+    preset = load_preset(str(root / "tiny.toml"))
+    written = {name: reproduce(name, preset, out_dir=root, device=torch.device("cpu"), progress=False,
+                               defenses=FIGURE_DEFENSES[name]) for name in FIGURES}
+    return root, written
+
+
+@pytest.mark.parametrize("name", ["paradigm-gap", "freeze-depth", "finetune-table", "gallery"])
+def test_reproduce_writes_png_pdf_and_csv(figures_dir, name):
+    root, written = figures_dir
+    suffixes = {p.suffix for p in written[name]}
+    assert {".png", ".pdf", ".csv"} <= suffixes, f"{name} must write PNG, PDF and CSV, wrote {written[name]}"
+    png = root / "figures" / f"{name}.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{png} is not a PNG"
+    csv = pd.read_csv(root / "figures" / f"{name}.csv")
+    expected = {"clean"} | {"random_noise(mode=class)" for d in FIGURE_DEFENSES[name] if d != "clean"}
+    assert len(csv) > 0 and set(csv["defense"]) == expected, \
+        f"{name}: the CSV must hold the plotted defenses {expected}, got {sorted(set(csv['defense']))}"
+
+
+def test_paradigm_gap_numbers(figures_dir):
+    root, _ = figures_dir
+    csv = pd.read_csv(root / "figures" / "paradigm-gap.csv")
+    assert sorted(csv["attack"].unique()) == sorted(["scratch", "linear_probe", "frozen_shallow", "full_finetune",
+                                                     "sf_pretrain"]), f"paradigms wrong: {csv['attack'].unique()}"
+    assert len(csv) == 2 * 5, f"2 defenses x 5 paradigms x 1 backbone expected, got {len(csv)} rows"
+    assert (csv.loc[csv["attack"] == "scratch", "gap_vs_scratch"] == 0).all(), "scratch has no gap to itself"
+    assert csv["accuracy_mean"].between(0, 100).all(), "accuracies must be percentages"
+
+
+def test_freeze_depth_sweeps_every_stage(figures_dir):
+    root, _ = figures_dir
+    csv = pd.read_csv(root / "figures" / "freeze-depth.csv")
+    assert sorted(csv["k"].unique()) == [0, 1, 2, 3, 4], f"resnet_tiny has 4 stages: k 0..4, got {csv['k'].unique()}"
+
+
+def test_gallery_measures_the_budget(figures_dir):
+    root, _ = figures_dir
+    csv = pd.read_csv(root / "figures" / "gallery.csv").set_index("defense")
+    assert csv.loc["clean", "linf_255"] == 0 and csv.loc["clean", "ssim"] == pytest.approx(1.0), "clean is unchanged"
+    assert 0 < csv.loc["random_noise(mode=class)", "linf_255"] <= 8, "the L-inf 8/255 budget must show"
+
+
+def test_reproduce_reuses_finished_cells(figures_dir):
+    import torch
+
+    from benchmark.presets import load_preset
+    from leaderboard.figures import reproduce
+
+    root, _ = figures_dir
+    with Store(root / "results.sqlite") as store:
+        before = len(store.frame())
+    reproduce("paradigm-gap", load_preset(str(root / "tiny.toml")), out_dir=root, device=torch.device("cpu"),
+              progress=False, defenses=["random_noise:mode=class"])
+    with Store(root / "results.sqlite") as store:
+        assert len(store.frame()) == before, "a second reproduce must reuse every finished cell"
