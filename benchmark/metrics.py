@@ -46,7 +46,8 @@ def ssim(x: torch.Tensor, y: torch.Tensor, *, window: int = 11, sigma: float = 1
     Images smaller than the window use the largest odd window that fits.
     """
     if x.shape != y.shape or x.ndim != 4:
-        raise UEBenchError(f"ssim: need two N x C x H x W tensors of one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise UEBenchError(f"ssim: need two N x C x H x W tensors of one shape, got {tuple(x.shape)} and "
+                           f"{tuple(y.shape)}")
     n, c, h, w = x.shape
     size = min(window, h - (1 - h % 2), w - (1 - w % 2))
     g = gaussian_window(size, sigma)

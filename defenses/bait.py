@@ -16,8 +16,9 @@ Examples to Pretraining", ICLR 2026 (arXiv 2603.04731). Follows the official cod
 The look-ahead is computed with ``torch.func.functional_call``. As in the official code (``higher``
 with ``copy_initial_weights=True`` and a detached stored delta), no gradient reaches G through theta',
 so theta' is built without a second-order graph by default. Deviations: the least-likely target
-excludes the true class (the official argmin may pick it), and x + delta is clipped to [0, 1] in the
-surrogate steps too.
+excludes the true class (the official argmin may pick it), x + delta is clipped to [0, 1] in the
+surrogate steps too, and the release rounds delta to whole uint8 steps (the official uint8 cast
+truncates). Class means and the per-target gather are one-hot products, so a seed gives the same bytes.
 """
 
 from __future__ import annotations
@@ -35,10 +36,10 @@ from tqdm.auto import tqdm
 from benchmark.data import ImageSet
 from benchmark.errors import UEBenchError
 from benchmark.models import get_spec
-from benchmark.plugins import Context, Defense, quantize
+from benchmark.plugins import Context, Defense
 from benchmark.registry import DEFENSES
 from benchmark.training import AUGMENTS, TrainConfig, augment_batch
-from defenses._common import class_means, error_rate, surrogate_model
+from defenses._common import error_rate, publish, round_linf, surrogate_model
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,24 @@ def select_targets(logits: torch.Tensor, labels: torch.Tensor, stage: str, gen: 
         shift = torch.randint(1, k, (n,), generator=gen).to(labels.device)
         return (labels + shift) % k
     raise UEBenchError(f"bait: unknown target stage {stage!r}; valid: {', '.join(STAGES)}")
+
+
+def class_means(values: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class means of ``values`` (N x ...) -> (K x ..., mask of present classes); absent classes get 0.
+
+    A one-hot matrix product, so that forward and backward are deterministic on every device
+    (``index_add_`` and the backward of indexing accumulate in a thread-dependent order).
+    """
+    onehot = F.one_hot(labels, num_classes).to(values.dtype)  # N x K
+    counts = onehot.sum(0)
+    means = (onehot.t() @ values.reshape(len(values), -1)) / counts.clamp(min=1)[:, None]
+    return means.reshape(num_classes, *values.shape[1:]), counts > 0
+
+
+def pick(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``rows[index]`` as a one-hot product (a deterministic backward)."""
+    onehot = F.one_hot(index, rows.shape[0]).to(rows.dtype)
+    return (onehot @ rows.reshape(rows.shape[0], -1)).reshape(len(index), *rows.shape[1:])
 
 
 @dataclass(frozen=True)
@@ -204,8 +223,8 @@ class Bait(Defense):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(ctx.seed)
             delta = self.class_noise(train, ctx)
-        x = train.images.float() / 255 + delta[train.labels]
-        return train.with_images(quantize(train.images, x), name=f"{train.name}+bait")
+        # whole uint8 steps, so that every image of a class gets exactly the same change (up to clipping)
+        return publish(train, round_linf(delta, self.eps)[train.labels], "bait")
 
     def class_noise(self, train: ImageSet, ctx: Context) -> torch.Tensor:
         """Run the bi-level optimization; returns the released class noise (K x C x H x W, CPU)."""
@@ -245,7 +264,7 @@ class Bait(Defense):
                 with torch.no_grad():
                     target = select_targets(call(model, theta, xb), yb, stage, gen)
                 means, _ = class_means(net(xb), yb, k)
-                x_adv = (xb + self.eps * means[target]).clamp(0, 1).contiguous(memory_format=cl)
+                x_adv = (xb + self.eps * pick(means, target)).clamp(0, 1).contiguous(memory_format=cl)
                 logits = call(model, theta, x_adv)
                 loss = F.cross_entropy(logits.float(), target)
                 opt_g.zero_grad(set_to_none=True)

@@ -113,7 +113,9 @@ class RobustErrorMinimizing(Defense):
             return adv, y
 
         epochs, subset = steps_plan(self.train_steps, len(train), self.batch_size, gen)
-        images, labels = (train.images, train.labels) if subset is None else (train.images[subset], train.labels[subset])
+        images, labels = train.images, train.labels
+        if subset is not None:
+            images, labels = images[subset], labels[subset]
         cfg = surrogate_config(epochs=epochs, batch_size=self.batch_size, lr=self.lr)
         result = train_surrogate(model, images, labels, cfg, ctx, desc="rem surrogate", batch_hook=min_min_max)
         model.eval()

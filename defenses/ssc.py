@@ -133,6 +133,13 @@ def subspace_energy_ratio(model: Classifier, k: int, clean: torch.Tensor, pertur
     return inside / total if total > 0 else float("nan")
 
 
+def _expand(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``rows[index]`` as a one-hot product: the backward of indexing with repeated indices sums in a
+    thread-dependent order on the CPU, which would break bitwise determinism."""
+    onehot = F.one_hot(index, rows.shape[0]).to(rows.dtype)
+    return (onehot @ rows.reshape(rows.shape[0], -1)).reshape(len(index), *rows.shape[1:])
+
+
 # ---------------------------------------------------------------- the plugin
 
 @DEFENSES.register("ssc")
@@ -277,7 +284,8 @@ class ShallowSemanticCamouflage(Defense):
         part = delta[used].clone()
         for _ in range(self.pgd_steps):
             part.requires_grad_(True)
-            loss = self._loss(model, space, (x + part[inverse]).clamp(0, 1), y, h_clean)
+            per_image = part[inverse] if self.mode == "sample" else _expand(part, inverse)
+            loss = self._loss(model, space, (x + per_image).clamp(0, 1), y, h_clean)
             grad, = torch.autograd.grad(loss, part)
             part = (part.detach() - self.step_size * grad.sign()).clamp(-self.eps, self.eps)
         delta[used] = part

@@ -83,8 +83,6 @@ def test_bad_field_is_rejected():
         Bait(generator="huge")
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: BAIT's release is not yet deterministic for a seed; "
-                   "bait stays unregistered until this passes")
 def test_release_is_classwise_in_budget_and_deterministic(tiny_train, ctx):
     bait = tiny_bait()
     out = bait.perturb(tiny_train, ctx)

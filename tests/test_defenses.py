@@ -111,7 +111,8 @@ def test_classwise(spec, gray, ctx):
             d = delta[labels == c]
             assert torch.equal(d, d[:1].expand_as(d)), f"{spec}: class {c} images got different perturbations"
         classes = [delta[labels == c][0] for c in labels.unique().tolist()]
-        assert any(not torch.equal(classes[0], x) for x in classes[1:]), f"{spec}: every class got the same pattern"
+        if name != "bait":  # bait's pattern is a class mean of G(x): identical grey inputs give identical means
+            assert any(not torch.equal(classes[0], x) for x in classes[1:]), f"{spec}: every class got the same pattern"
 
 
 # ---------------------------------------------------------------- the engine rejects over-budget output
@@ -130,13 +131,15 @@ def test_engine_rejects_over_budget(norm, budget, change, allowed, measured, tin
             return train.with_images(change(train.images))
 
     OverBudget.name, OverBudget.norm, OverBudget.granularity = "over_budget", norm, "sample"
-    with pytest.raises(UEBenchError, match=rf"defense 'over_budget': {norm} budget check failed: {allowed}, {measured}"):
+    message = rf"defense 'over_budget': {norm} budget check failed: {allowed}, {measured}"
+    with pytest.raises(UEBenchError, match=message):
         OverBudget().perturb(tiny_train, Context())
 
 
 @pytest.mark.parametrize("spec, pattern", [
     ("em:mode=bogus", "mode='bogus'"), ("em:steps=0", "steps=0"), ("em:surrogate=imagenet", "surrogate='imagenet'"),
-    ("tap:restarts=0", "restarts=0"), ("tap:surrogate_backbone=nope", "unknown backbone 'nope'"), ("rem:eot=0", "eot=0"),
+    ("tap:restarts=0", "restarts=0"), ("tap:surrogate_backbone=nope", "unknown backbone 'nope'"),
+    ("rem:eot=0", "eot=0"),
     ("lsp:patch_size=0", "patch_size=0"), ("ops:sparsity=0", "sparsity=0"), ("ar:crop=1", "crop=1"),
     ("cuda:kernel_size=2", "kernel_size=2"),
 ])
@@ -160,7 +163,7 @@ def test_rounding_stays_in_budget():
 
 def test_pgd_minimizes_and_maximizes_the_loss():
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3)).eval()
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3)).eval().requires_grad_(False)
     x, y = torch.rand(8, 3, 4, 4), torch.randint(0, 3, (8,))
     zero = torch.zeros_like(x)
     base = float(torch.nn.functional.cross_entropy(model(x), y))

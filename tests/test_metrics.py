@@ -90,7 +90,8 @@ def test_ssim_matches_scipy_reference():
         c1, c2 = 0.01**2, 0.03**2
         values.append((((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx**2 + my**2 + c1) * (sxx + syy + c2))).mean())
     ours = float(ssim(torch.from_numpy(x)[None], torch.from_numpy(y)[None])[0])
-    assert ours == pytest.approx(float(np.mean(values)), abs=1e-6), f"SSIM {ours} differs from scipy's {np.mean(values)}"
+    assert ours == pytest.approx(float(np.mean(values)), abs=1e-6), \
+        f"SSIM {ours} differs from scipy's {np.mean(values)}"
 
 
 def test_bad_inputs_are_rejected():
