@@ -224,6 +224,7 @@ def test_cli_run_ends_with_the_leaderboard_and_entries_rebuild_it(tmp_path, caps
 
     preset = tmp_path / "tiny.toml"
     preset.write_text('extends = "quick"\nname = "tinylb"\nbackbones = ["resnet_tiny"]\n'
+                      'defenses = ["clean", "random_noise", "random_noise:mode=class"]\nattacks = ["scratch"]\n'
                       '[dataset]\ntrain_size = 40\ntest_size = 20\nsource_size = 40\n'
                       '[attack_protocol.scratch]\nepochs = 1\n')
     out = tmp_path / "res"
