@@ -34,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a preset's grid of cells (finished cells are reused)",
                          description="Run the cross product data set x defenses x attacks x backbones x seeds. "
                                      "Cells already finished in OUT/results.sqlite are skipped; a killed run "
-                                     "resumes. Writes OUT/results.csv.")
+                                     "resumes. Writes OUT/results.csv, OUT/perturbations.csv and "
+                                     "the leaderboard in OUT/leaderboard/.")
     run.add_argument("--preset", default="quick", help="quick | standard | paper | a .toml file (default: quick)")
     run.add_argument("--dataset", help="override the preset's data set (shapes, fashion-mnist, cifar10, hf:...)")
     run.add_argument("--train-size", type=int, help="class-balanced subsample of the training split")
@@ -103,7 +104,7 @@ def _run(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
     from benchmark.presets import load_preset
-    from benchmark.runner import Runner, plan, results_frame, with_dataset_overrides
+    from benchmark.runner import Runner, perturbations_frame, plan, results_frame, with_dataset_overrides
     from benchmark.store import Store
     from benchmark.training import resolve_device
 
@@ -119,8 +120,12 @@ def _run(args: argparse.Namespace) -> int:
     summary = runner.run(cells)
     with Store(runner.out_dir / "results.sqlite") as store:
         df = results_frame(store, summary.keys)
+        pert = perturbations_frame(store, summary.keys)
     shown = df[["defense", "attack", "backbone", "seed", "status", "accuracy", "clean_accuracy", "seconds"]]
     print(tabulate(shown, headers="keys", showindex=False, floatfmt=".1f"))
+    if not pert.empty:
+        print("\nPerturbations (L-inf in /255, L2 mean, L0 mean pixels, PSNR dB, SSIM, generation seconds):")
+        print(tabulate(pert.drop(columns="dataset"), headers="keys", showindex=False, floatfmt=".3g"))
     print(f"\n{summary.planned} cells: {summary.skipped} reused, {len(summary.ran)} run, "
           f"{len(summary.failed)} failed. Results: {runner.out_dir / 'results.csv'}")
     for rec in summary.failed:

@@ -48,8 +48,6 @@ QUICK = Preset(
                               "step_size": 8 / 255, "eot": 1, "adv_steps": 1, "adv_step_size": 4 / 255},
                       "bait": {"generator": "small", "epochs": 12, "batch_size": 128, "train_portion": 0.15,
                                "surrogate_steps": 3, "augment": "none"},
-                      "bait": {"generator": "small", "epochs": 12, "batch_size": 128, "train_portion": 0.15,
-                               "surrogate_steps": 3, "augment": "none"},
                       "ssc": {"keep_fraction": 0.75, "rounds": 3, "train_steps": 10, "pgd_steps": 3,
                               "batch_size": 256, "class_subset": 0.2}},
     attacks=("scratch", "linear_probe", "frozen_shallow", "full_finetune", "sf_pretrain"),

@@ -28,6 +28,7 @@ from benchmark.config import Configured, configure, stable_hash
 from benchmark.data import DatasetConfig, ImageSet, Splits, load_dataset
 from benchmark.errors import UEBenchError
 from benchmark.models import get_spec
+from benchmark.metrics import perturbation_quality
 from benchmark.plugins import Context, perturbation_stats
 from benchmark.presets import Preset
 from benchmark.registry import ATTACKS, DEFENSES
@@ -140,12 +141,17 @@ class Runner:
             out = cell.defense.plugin.perturb(train, ctx)
             seconds = time.perf_counter() - start
             stats = perturbation_stats(train.images, out.images)
-            meta = {"defense": cell.defense.label, "seconds": seconds, **asdict(stats), **ctx.metrics}
+            quality = perturbation_quality(train.images, out.images)
+            meta = {"defense": cell.defense.label, "seconds": seconds, **asdict(stats),
+                    "psnr": quality["psnr"], "ssim": quality["ssim"], **ctx.metrics}
             return {"images": out.images, "labels": out.labels}, meta
 
         tensors, meta, hit = self.cache.get_or_build("protected", key, build)
         if not torch.equal(tensors["labels"], train.labels) or tensors["images"].shape != train.images.shape:
             raise UEBenchError(f"cached protected set {key} does not match the data set; delete it")
+        if "psnr" not in meta:  # cached by an older version: measure the visibility now
+            quality = perturbation_quality(train.images, tensors["images"])
+            meta = {**meta, "psnr": quality["psnr"], "ssim": quality["ssim"]}
         img = train.with_images(tensors["images"], name=f"{train.name}+{cell.defense.label}")
         self._protected = {key: (img, meta, seconds)}  # keep one in memory: cells are ordered by defense
         return img, meta, seconds
@@ -208,6 +214,7 @@ class Runner:
                     log.info("cell %s: %.1f%% (train %s) in %.0fs", cell.describe(), rec.accuracy,
                              "n/a" if rec.train_accuracy is None else f"{rec.train_accuracy:.1f}%", rec.seconds)
             write_results_csv(store, self.out_dir / "results.csv")
+            write_csv(perturbations_frame(store), self.out_dir / "perturbations.csv")
             return RunSummary(planned=len(cells), skipped=len(cells) - len(todo), ran=ran,
                               keys=[c.key for c in cells])
         finally:
@@ -246,12 +253,41 @@ def reference_key(config: dict) -> str:
     return stable_hash({k: v for k, v in config.items() if k != "defense"})
 
 
-def write_results_csv(store: Store, path: Path) -> pd.DataFrame:
-    df = results_frame(store)
+def perturbations_frame(store: Store, keys: Sequence[str] | None = None) -> pd.DataFrame:
+    """One row per protected set (data set, defense, seed): its measured size and visibility.
+
+    L-inf in /255 units, L2 in [0, 1] pixel units (mean over images), L0 in changed pixel positions,
+    PSNR in dB, SSIM in [0, 1], and the seconds the defense took to generate it.
+    """
+    df = store.frame()
+    if keys is not None:
+        df = df[df["key"].isin(set(keys))]
+    rows = []
+    for rec in df[df["status"] == "ok"].itertuples():
+        pert = (rec.metrics or {}).get("perturbation") or {}
+        rows.append({"dataset": rec.dataset, "defense": rec.defense, "seed": rec.seed,
+                     **{c: pert.get(src) for c, src in PERTURBATION_FIELDS.items()}})
+    out = pd.DataFrame(rows, columns=["dataset", "defense", "seed", *PERTURBATION_FIELDS])
+    # every cell of a protected set carries the same numbers; keep the most complete row
+    out = out.assign(_n=out.notna().sum(axis=1)).sort_values("_n", kind="stable")
+    out = out.drop_duplicates(["dataset", "defense", "seed"], keep="last").drop(columns="_n")
+    return out.sort_values(["dataset", "seed", "defense"]).reset_index(drop=True)
+
+
+PERTURBATION_FIELDS = {"linf_255": "linf", "l2_mean": "l2_mean", "l0_mean": "l0_mean", "psnr_db": "psnr",
+                       "ssim": "ssim", "generation_seconds": "seconds"}
+
+
+def write_csv(df: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """Write atomically (a killed run never leaves half a file)."""
     tmp = path.with_suffix(".csv.tmp")
     df.to_csv(tmp, index=False, float_format="%.4f")
     tmp.replace(path)
     return df
+
+
+def write_results_csv(store: Store, path: Path) -> pd.DataFrame:
+    return write_csv(results_frame(store), path)
 
 
 def with_dataset_overrides(cfg: DatasetConfig, **overrides: Any) -> DatasetConfig:

@@ -78,6 +78,9 @@ def board_from_store(results_dir: str | Path, *, keys: Sequence[str] | None = No
         cells = cells_from_store(store, keys)
     if preset is not None:
         cells = cells[cells["preset"] == preset].reset_index(drop=True)
+    if grid is not None and not cells.empty:  # extra cells in the store (other seeds, controls) are not the grid's
+        planned = grid[["group", *CELL_KEYS]].drop_duplicates()
+        cells = cells.merge(planned, on=["group", *CELL_KEYS], how="inner")
     if cells.empty:
         raise UEBenchError(f"the store {path} holds no cells" + (f" of preset {preset!r}" if preset else ""))
     presets = presets if presets is not None else _builtin_presets(sorted(cells["preset"].unique()))

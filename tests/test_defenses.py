@@ -16,7 +16,9 @@ from benchmark.config import configure
 from benchmark.data import ImageSet
 from benchmark.errors import UEBenchError
 from benchmark.plugins import Context, Defense, perturbation_stats
+from benchmark.presets import preset_from_dict
 from benchmark.registry import DEFENSES
+from benchmark.runner import Runner, plan
 from defenses._common import pgd, round_l2, round_linf
 from defenses.ar import AutoregressivePerturbation, ar_signal, matching_filter, response
 from defenses.cuda import class_filters
@@ -113,6 +115,25 @@ def test_classwise(spec, gray, ctx):
         classes = [delta[labels == c][0] for c in labels.unique().tolist()]
         if name != "bait":  # bait's pattern is a class mean of G(x): identical grey inputs give identical means
             assert any(not torch.equal(classes[0], x) for x in classes[1:]), f"{spec}: every class got the same pattern"
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_cached_protected_set_is_reused(spec, tmp_path, monkeypatch):
+    """The runner builds a protected set once; a new run (fresh process memory) loads it from disk."""
+    preset = preset_from_dict({"extends": "quick", "name": "tiny", "defenses": [tiny_spec(spec)],
+                               "attacks": ["scratch"], "backbones": ["resnet_tiny"],
+                               "dataset": {"train_size": 40, "test_size": 20, "source_size": 40},
+                               "zoo": {"supervised": {"epochs": 1, "batch_size": 16}}})
+    cell = plan(preset)[0]
+    first, meta, _ = Runner(tmp_path, device=torch.device("cpu"), progress=False).protected(cell)
+    assert {"linf", "l2_mean", "psnr", "ssim", "seconds"} <= set(meta), f"{spec}: quality missing from {meta}"
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError(f"{spec}: the cached protected set was generated again")
+
+    monkeypatch.setattr(type(cell.defense.plugin), "perturb", refuse)
+    again, _, seconds = Runner(tmp_path, device=torch.device("cpu"), progress=False).protected(cell)
+    assert torch.equal(first.images, again.images) and seconds == 0.0, f"{spec}: reloaded set differs"
 
 
 # ---------------------------------------------------------------- the engine rejects over-budget output

@@ -16,6 +16,7 @@ import pytest
 from benchmark.config import configure
 from benchmark.registry import DEFENSES
 from benchmark.store import CellRecord, Store
+from leaderboard.cli import board_from_store
 from leaderboard.entries import load_entries, make_entries, read_entry, store_metadata, write_entries
 from leaderboard.plots import write_plots
 from leaderboard.scores import cells_from_store, protection, score
@@ -110,6 +111,19 @@ def test_seeds_are_averaged_before_the_worst_case(tmp_path):
     assert rn["worst_accuracy"] == pytest.approx(50.0), "seeds 70 and 30 must average to 50 before the max"
     assert rn["worst_std"] == pytest.approx(pd.Series([70.0, 30.0]).std()), "std must be over seeds"
     assert rn["cells_expected"] == 4, f"2 attacks x 2 seeds expected, got {rn['cells_expected']}"
+
+
+def test_a_preset_grid_leaves_out_extra_cells_of_the_store(tmp_path):
+    """Extra seeds or control attacks run into the same store do not enter the preset's board."""
+    extra = [record("random_noise", "scratch", "b1", 1, 10.0), record("clean", "scratch", "b1", 1, 90.0),
+             record("random_noise", "frozen_shallow(weights=random)", "b1", 0, 11.0)]
+    make_store(tmp_path, extra=extra)
+    grid = pd.DataFrame([{"group": "t", "attack": a, "backbone": "b1", "seed": 0}
+                         for a in ("scratch", "linear_probe")])
+    board = board_from_store(tmp_path, preset="t", grid=grid, presets={}, metadata_fallback=None)
+    assert set(board.cells["seed"]) == {0}, "cells of seeds outside the grid entered the board"
+    assert set(board.cells["attack"]) == {"scratch", "linear_probe"}, "an attack outside the grid entered the board"
+    assert row(board, "random_noise")["worst_accuracy"] == pytest.approx(70.0), "extra cells changed the score"
 
 
 def test_unfinished_grids_are_flagged_not_ranked(tmp_path):

@@ -59,6 +59,12 @@ def test_end_to_end_and_reuse(tmp_path):
     assert set(df["defense"]) == {"clean", "random_noise", "random_noise(mode=class)"}, df["defense"]
     clean_acc = float(df.loc[df["defense"] == "clean", "accuracy"].iloc[0])
     assert (df["clean_accuracy"] == clean_acc).all(), "clean reference not joined to every row"
+    pert = pd.read_csv(tmp_path / "out" / "perturbations.csv").set_index("defense")
+    assert set(pert.index) == set(df["defense"]), pert
+    assert pert.loc["clean", "linf_255"] == 0 and pert.loc["clean", "ssim"] == pytest.approx(1.0)
+    noisy = pert.loc["random_noise"]
+    assert 0 < noisy["linf_255"] <= 8 and 0 < noisy["l2_mean"] and 20 < noisy["psnr_db"] < 60, noisy
+    assert 0.5 < noisy["ssim"] < 1 and noisy["generation_seconds"] >= 0, noisy
     again = _runner(tmp_path).run(cells)
     assert again.skipped == 3 and not again.ran, "a finished cell was recomputed"
     assert len(list((tmp_path / "out" / "cache" / "protected").glob("*.safetensors"))) == 3
