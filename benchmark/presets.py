@@ -55,18 +55,18 @@ QUICK = Preset(
     seeds=(0,),
     attack_protocol={"*": {"augment": "none", "batch_size": 128},
                      "scratch": {"epochs": 6, "optimizer": "adamw", "lr": 3e-3, "weight_decay": 0.05},
-                     "linear_probe": {"epochs": 20, "optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0},
-                     "frozen_shallow": {"epochs": 3, "lr": 0.01},
-                     "full_finetune": {"epochs": 3, "lr": 0.01},
-                     "sf_pretrain": {"epochs": 3, "lr": 0.01}},
+                     "linear_probe": {"epochs": 20, "optimizer": "adam", "lr": 0.01, "weight_decay": 0.0},
+                     "frozen_shallow": {"epochs": 3, "lr": 0.05},
+                     "full_finetune": {"epochs": 3, "lr": 0.05},
+                     "sf_pretrain": {"epochs": 3, "lr": 0.05}},
     zoo={"supervised": {"epochs": 6, "optimizer": "adamw", "lr": 2e-3, "weight_decay": 0.05, "warmup_epochs": 1,
                         "augment": "crop_flip"},
          "sf": {"epochs": 6, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "warmup_epochs": 1,
                 "batch_size": 256, "augment": "none"}},
     protocol_note="victims train without augmentation (deviates from the papers' crop+flip: the tiny CPU "
                   "networks cannot learn a shifted 8/255 pattern in a short run; see DESIGN.md). scratch: "
-                  "AdamW 3e-3, 6 epochs; linear probe: Adam 1e-3 on frozen features, 20 epochs; frozen shallow, "
-                  "full fine-tune, SF-pretrain: SGD 0.01 (not 1e-3), 3 epochs; cosine, batch 128. Zoo: supervised "
+                  "AdamW 3e-3, 6 epochs; linear probe: Adam 0.01 on frozen features, 20 epochs; frozen shallow, "
+                  "full fine-tune, SF-pretrain: SGD 0.05 (not 1e-3), 3 epochs; cosine, batch 128. Zoo: supervised "
                   "AdamW 2e-3 with crop+flip, 6 epochs, and SimCLR 6 epochs, on 20k procedural glyphs",
 )
 

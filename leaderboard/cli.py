@@ -118,10 +118,44 @@ def leaderboard_command(args: argparse.Namespace) -> int:
             groups = groups or [args.preset]
         board = load_entries(args.entries, groups)
         published = publish(board, Path(args.out or "results/leaderboard"))
+    if args.readme:
+        if not args.preset:
+            raise UEBenchError("--readme needs --preset (the group whose ranking goes into the file)")
+        path = update_readme(args.readme, published, args.preset)
+        print(f"{path}: the {args.preset} leaderboard section is up to date")
     print(published.summary())
     if published.entries:
         print(f"{len(published.entries)} entries written to {', '.join(sorted({str(p.parent) for p in published.entries}))}")
     return 0
+
+
+def update_readme(readme: str | Path, published: Published, group: str) -> Path:
+    """Replace the block between ``<!-- leaderboard:GROUP -->`` and ``<!-- /leaderboard:GROUP -->`` in
+    ``readme`` with the group's ranking and heatmaps; the PNGs are copied to ``docs/leaderboard/``."""
+    import shutil
+
+    from leaderboard.tables import markdown, ranking_frame
+
+    readme = Path(readme)
+    begin, end = f"<!-- leaderboard:{group} -->", f"<!-- /leaderboard:{group} -->"
+    text = readme.read_text() if readme.is_file() else ""
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        raise UEBenchError(f"{readme} needs one line {begin!r} and, after it, one line {end!r}")
+    if group not in published.board.groups():
+        raise UEBenchError(f"no leaderboard group {group!r}; groups: {', '.join(published.board.groups()) or 'none'}")
+    board = published.board.subset(group)
+    images = readme.parent / "docs" / "leaderboard"
+    images.mkdir(parents=True, exist_ok=True)
+    lines = ["", markdown(ranking_frame(board)), ""]
+    for png in sorted(p for p in published.plots.get(group, []) if p.suffix == ".png" and p.stem == "heatmap"):
+        target = images / f"{group}-{png.stem}.png"
+        shutil.copyfile(png, target)
+        lines += [f"![{group}: accuracy of each defense under each attack]"
+                  f"({target.relative_to(readme.parent).as_posix()})", ""]
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(head + begin + "\n" + "\n".join(lines) + end + tail)
+    return readme
 
 
 def _preset_grid(name: str) -> pd.DataFrame | None:
@@ -150,6 +184,10 @@ def add_commands(sub: Any) -> None:
     lb.add_argument("--entries", default=str(ENTRIES_DIR), metavar="DIR",
                     help="the committed entries folder (default: the package's leaderboard/entries)")
     lb.add_argument("--publish", action="store_true", help="with --results: also write the entries into --entries")
+    lb.add_argument("--readme", metavar="FILE",
+                    help="also write the ranking and the heatmaps of --preset into FILE, between the lines "
+                         "'<!-- leaderboard:PRESET -->' and '<!-- /leaderboard:PRESET -->' (images go to "
+                         "docs/leaderboard/ beside FILE)")
 
     sm = sub.add_parser("submit", help="validate a UE generator plugin file, run its cells, print its rank",
                         description="Load FILE (it must register exactly one defense with complete metadata), "

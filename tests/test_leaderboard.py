@@ -259,6 +259,26 @@ def test_cli_run_ends_with_the_leaderboard_and_entries_rebuild_it(tmp_path, caps
     assert md_entries == md_store, "the leaderboard from entries must equal the one from the store"
 
 
+def test_cli_leaderboard_writes_the_readme_section(tmp_path, capsys):
+    import run_benchmark
+
+    board = board_of(make_store(tmp_path))
+    write_entries(board, tmp_path / "entries")
+    readme = tmp_path / "README.md"
+    readme.write_text("# title\n\n<!-- leaderboard:t -->\nold table\n<!-- /leaderboard:t -->\n\nafter\n")
+    args = ["leaderboard", "--entries", str(tmp_path / "entries"), "--out", str(tmp_path / "lb"), "--preset", "t"]
+    assert run_benchmark.main([*args, "--readme", str(readme)]) == 0, capsys.readouterr().err
+    text = readme.read_text()
+    assert "old table" not in text and text.startswith("# title") and text.endswith("\nafter\n"), text
+    assert "worst-case acc. (%)" in text and "random_noise(mode=class)" in text, "the ranking is missing"
+    assert "](docs/leaderboard/t-heatmap.png)" in text and (tmp_path / "docs/leaderboard/t-heatmap.png").is_file()
+    assert run_benchmark.main([*args, "--readme", str(readme)]) == 0 and readme.read_text() == text, \
+        "a second run must give the same file"
+    readme.write_text("no markers\n")
+    assert run_benchmark.main([*args, "--readme", str(readme)]) == 2, "a file without markers must be refused"
+    assert "<!-- leaderboard:t -->" in capsys.readouterr().err
+
+
 def test_cli_leaderboard_without_entries_fails_clearly(tmp_path, capsys):
     import run_benchmark
 
