@@ -80,6 +80,15 @@ def random_noise(x: torch.Tensor, gen: torch.Generator, p: float = 0.5, max_std:
     return torch.where(apply, (x + noise).clamp(0, 1), x)
 
 
+def random_channel_shuffle(x: torch.Tensor, gen: torch.Generator, p: float = 0.5) -> torch.Tensor:
+    """A random permutation of the colour channels per image (hue changes, shapes do not)."""
+    n, c = x.shape[:2]
+    perm = torch.argsort(torch.rand((n, c), generator=gen), dim=1).to(x.device)
+    shuffled = torch.gather(x, 1, perm[:, :, None, None].expand_as(x))
+    apply = (torch.rand(n, generator=gen) < p).to(x.device)[:, None, None, None]
+    return torch.where(apply, shuffled, x)
+
+
 @dataclass(frozen=True)
 class StrongAugment:
     """The semantic-focused view generator: crop, flip, colour, grayscale, blur, noise."""
@@ -90,10 +99,13 @@ class StrongAugment:
     blur_p: float = 0.5
     noise_p: float = 0.5
     noise_std: float = 16 / 255  # largest noise std, [0, 1] pixel units
+    shuffle_p: float = 0.0       # probability of permuting the colour channels
 
     def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         x = random_resized_crop(x, gen, scale=(self.crop_scale, 1.0))
         x = random_flip(x, gen)
+        if self.shuffle_p > 0:
+            x = random_channel_shuffle(x, gen, self.shuffle_p)
         x = color_jitter(x, gen, self.jitter)
         x = random_grayscale(x, gen, self.gray_p)
         x = random_blur(x, gen, self.blur_p)

@@ -53,9 +53,10 @@ class Cell:
     zoo: PretrainConfig = PretrainConfig()
 
     def config(self) -> dict[str, Any]:
-        return {"dataset": self.dataset.key(), "defense": self.defense.config(), "attack": self.attack.config(),
-                "backbone": get_spec(self.backbone).key(), "seed": self.seed, "zoo": asdict(self.zoo),
-                "protocol_version": PROTOCOL_VERSION}
+        defense, attack = self.defense.config(), self.attack.config()
+        return {"dataset": self.dataset.key(), "defense": defense, "attack": attack,
+                "backbone": get_spec(self.backbone).key(), "seed": self.seed,
+                "zoo": zoo_part(self.zoo, defense, attack), "protocol_version": PROTOCOL_VERSION}
 
     @property
     def key(self) -> str:
@@ -63,6 +64,24 @@ class Cell:
 
     def describe(self) -> str:
         return f"{self.defense.label} / {self.attack.label} / {self.backbone} / seed {self.seed}"
+
+
+def zoo_part(zoo: PretrainConfig, *configs: dict[str, Any]) -> dict[str, Any]:
+    """The part of the zoo recipe that plugins with these configs can depend on: the supervised
+    recipe always (surrogates and most paradigms use it), the semantic-focused one only when a config
+    names the ``sf`` source. A change to the ``sf`` recipe then reruns only the cells that use it."""
+    full = asdict(zoo)
+    if any("sf" in _values(c) for c in configs):
+        return full
+    return {"supervised": full["supervised"], "seed": full["seed"]}
+
+
+def _values(obj: Any) -> list[Any]:
+    if isinstance(obj, dict):
+        return [v for x in obj.values() for v in _values(x)]
+    if isinstance(obj, (list, tuple)):
+        return [v for x in obj for v in _values(x)]
+    return [obj]
 
 
 def plan(preset: Preset, *, dataset: DatasetConfig | None = None, defenses: Sequence[str] | None = None,
@@ -125,8 +144,9 @@ class Runner:
 
     def protected(self, cell: Cell) -> tuple[ImageSet, dict, float]:
         """The protected training set of a cell (memory, then disk cache, then the defense)."""
-        key = stable_hash({"dataset": cell.dataset.key(), "defense": cell.defense.config(), "seed": cell.seed,
-                           "protocol_version": PROTOCOL_VERSION})
+        defense = cell.defense.config()
+        key = stable_hash({"dataset": cell.dataset.key(), "defense": defense, "seed": cell.seed,
+                           "zoo": zoo_part(cell.zoo, defense), "protocol_version": PROTOCOL_VERSION})
         if key in self._protected:
             img, meta, _ = self._protected[key]
             return img, meta, 0.0

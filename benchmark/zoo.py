@@ -8,6 +8,9 @@ Sources of weights:
 - ``sf``: semantic-focused pretraining on the source pool: SimCLR-style contrastive learning
   (NT-Xent) with strong semantics-preserving augmentation (resized crop, colour jitter, grayscale,
   blur, additive noise), so the shallow layers learn to keep semantics and drop low-level noise.
+  With ``label_weight > 0`` a cross-entropy term on the pool's labels, computed on the same strong
+  views, is added (supervised contrastive flavour): short CPU runs need it, since NT-Xent alone needs
+  thousands of steps before its features carry any class information.
   *Interpretation*: this is the project's reading of the SSC paper's "SF-Pretrain", whose definition
   was not available.
 - ``timm``: timm's pretrained weights (the hub for users with a network, or a local file).
@@ -51,6 +54,7 @@ class PretrainConfig:
     temperature: float = 0.2     # NT-Xent temperature
     projection_dim: int = 64     # SimCLR projector output
     augment: StrongAugment = StrongAugment()
+    label_weight: float = 0.0    # sf: weight of cross-entropy on the pool's labels (0 = pure SimCLR)
     seed: int = 0                # the zoo's own seed: the same pretrained weights for every cell seed
 
 
@@ -78,10 +82,14 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
 
 
 def _contrastive_loss(cfg: PretrainConfig, gen: torch.Generator):
-    def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def loss_fn(model: Projected, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, None]:
         v1, v2 = cfg.augment(x, gen), cfg.augment(x, gen)
-        z = model(torch.cat([v1, v2]).contiguous(memory_format=torch.channels_last))
-        return nt_xent(z[: len(x)], z[len(x):], cfg.temperature), None
+        feats = model.backbone.features(torch.cat([v1, v2]).contiguous(memory_format=torch.channels_last))
+        z = model.projector(feats)
+        loss = nt_xent(z[: len(x)], z[len(x):], cfg.temperature)
+        if cfg.label_weight > 0:
+            loss = loss + cfg.label_weight * F.cross_entropy(model.backbone.head(feats).float(), torch.cat([y, y]))
+        return loss, None
 
     return loss_fn
 
@@ -181,9 +189,9 @@ class Zoo:
         self.progress = progress
 
     def with_pool(self, pool: ImageSet) -> Zoo:
-        """The same zoo pretraining on another pool (e.g. the unlabeled protected images)."""
+        """The same zoo pretraining on another pool (e.g. the protected images, whose labels it never uses)."""
         return Zoo(self.cache.root, pool=pool, pool_key={"images": tensor_digest({"x": pool.images})},
-                   config=self.config, device=self.device, progress=self.progress)
+                   config=replace(self.config, label_weight=0.0), device=self.device, progress=self.progress)
 
     def key(self, backbone: str, source: str) -> str:
         cfg = asdict(self.config)

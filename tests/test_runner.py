@@ -18,7 +18,7 @@ import torch
 from benchmark.presets import preset_from_dict
 from benchmark.plugins import Attack
 from benchmark.registry import ATTACKS
-from benchmark.runner import Runner, plan
+from benchmark.runner import Runner, plan, zoo_part
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
@@ -76,6 +76,21 @@ def test_changed_field_recomputes_only_that_cell(tmp_path):
     changed = dict(TINY, defenses=["clean", "random_noise:eps=4/255"])
     summary = runner.run(plan(preset_from_dict(changed)))
     assert [r.defense for r in summary.ran] == ["random_noise(eps=0.0156863)"], [r.defense for r in summary.ran]
+
+
+def test_a_zoo_recipe_change_reruns_only_the_cells_that_use_it():
+    base = dict(TINY, defenses=["clean", "tap"], attacks=["scratch", "frozen_shallow", "sf_pretrain"])
+    keys = {c.describe(): c.key for c in plan(preset_from_dict(dict(base)))}
+    sf = {c.describe(): c.key for c in plan(preset_from_dict(dict(base, zoo={"sf": {"epochs": 1}})))}
+    changed = sorted(k for k in keys if keys[k] != sf[k])
+    assert changed == ["clean / sf_pretrain / resnet_tiny / seed 0", "tap / sf_pretrain / resnet_tiny / seed 0"], \
+        f"an sf recipe change must rerun exactly the sf cells, reran {changed}"
+    sup = {c.describe(): c.key for c in plan(preset_from_dict(dict(base, zoo={"supervised": {"epochs": 1}})))}
+    assert all(keys[k] != sup[k] for k in keys), "cells that may use the supervised zoo must be rerun"
+    cell = plan(preset_from_dict(dict(base)))[-1]
+    other = plan(preset_from_dict(dict(base, zoo={"supervised": {"epochs": 1}})))[-1]
+    assert zoo_part(cell.zoo, cell.defense.config()) != zoo_part(other.zoo, other.defense.config()), \
+        "a protected set made with a pretrained surrogate must depend on the supervised recipe"
 
 
 def test_failing_cell_is_recorded_and_others_go_on(tmp_path):

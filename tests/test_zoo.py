@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import pytest
 import timm
 import torch
 from safetensors.torch import save_file
 
+from benchmark.augment import StrongAugment, random_channel_shuffle
 from benchmark.errors import UEBenchError
 from benchmark.zoo import Zoo, nt_xent, read_checkpoint
 from tests.conftest import TINY_ZOO
@@ -35,6 +37,19 @@ def test_supervised_and_sf_differ(zoo):
     s = zoo.get("resnet_tiny", "supervised", 5, 32)
     f = zoo.get("resnet_tiny", "sf", 5, 32)
     assert not torch.equal(s.net.conv1.weight, f.net.conv1.weight), "sf and supervised weights are identical"
+
+
+def test_sf_label_term_uses_labels_but_never_on_the_protected_pool(tmp_path, tiny_source):
+    labelled = Zoo(tmp_path, pool=tiny_source, pool_key={"t": 1}, config=replace(TINY_ZOO, label_weight=1.0))
+    plain = Zoo(tmp_path, pool=tiny_source, pool_key={"t": 1}, config=TINY_ZOO)
+    assert labelled.key("resnet_tiny", "sf") != plain.key("resnet_tiny", "sf"), "the label term must enter the key"
+    assert labelled.key("resnet_tiny", "supervised") == plain.key("resnet_tiny", "supervised"), \
+        "an sf-only field must not rebuild the supervised weights"
+    a, b = labelled.get("resnet_tiny", "sf", 5, 32), plain.get("resnet_tiny", "sf", 5, 32)
+    assert not torch.equal(a.net.conv1.weight, b.net.conv1.weight), "the label term changed nothing"
+    shuffled = replace(tiny_source, labels=tiny_source.labels.roll(1))
+    own = labelled.with_pool(shuffled)
+    assert own.config.label_weight == 0.0, "pretraining on the protected images must not use their labels"
 
 
 def test_corrupt_checkpoint_is_rebuilt(zoo, caplog):
@@ -95,3 +110,14 @@ def test_nt_xent_prefers_matching_views():
     low = nt_xent(z, z + 0.01 * torch.randn(8, 16), 0.2)
     high = nt_xent(z, torch.randn(8, 16), 0.2)
     assert low < high, f"matching views should give a lower loss ({low:.3f} vs {high:.3f})"
+
+
+def test_strong_views_keep_shapes_and_change_colours():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 3, 8, 8)
+    shuffled = random_channel_shuffle(x, gen, p=1.0)
+    assert torch.equal(shuffled.sort(dim=1).values, x.sort(dim=1).values), "a shuffle must only permute channels"
+    assert not torch.equal(shuffled, x), "64 images with p=1 must get some non-identity permutation"
+    assert torch.equal(random_channel_shuffle(x, gen, p=0.0), x), "p=0 must leave the images alone"
+    views = StrongAugment(shuffle_p=0.8)(x, gen)
+    assert views.shape == x.shape and views.min() >= 0 and views.max() <= 1, "views must stay images in [0, 1]"
