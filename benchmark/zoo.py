@@ -10,7 +10,8 @@ Sources of weights:
   blur, additive noise), so the shallow layers learn to keep semantics and drop low-level noise.
   With ``label_weight > 0`` a cross-entropy term on the pool's labels, computed on the same strong
   views, is added (supervised contrastive flavour): short CPU runs need it, since NT-Xent alone needs
-  thousands of steps before its features carry any class information.
+  thousands of steps before its features carry any class information. With ``sf_init="supervised"``
+  the contrastive stage starts from the ``supervised`` weights (supervised, then semantic-focused).
   *Interpretation*: this is the project's reading of the SSC paper's "SF-Pretrain", whose definition
   was not available.
 - ``timm``: timm's pretrained weights (the hub for users with a network, or a local file).
@@ -55,7 +56,14 @@ class PretrainConfig:
     projection_dim: int = 64     # SimCLR projector output
     augment: StrongAugment = StrongAugment()
     label_weight: float = 0.0    # sf: weight of cross-entropy on the pool's labels (0 = pure SimCLR)
+    sf_init: str = "random"      # sf: start from random weights, or from the 'supervised' zoo weights
     seed: int = 0                # the zoo's own seed: the same pretrained weights for every cell seed
+
+    def __post_init__(self) -> None:
+        if self.sf_init not in ("random", "supervised"):
+            raise UEBenchError(f"zoo: sf_init={self.sf_init!r} must be 'random' or 'supervised'")
+        if self.label_weight < 0:
+            raise UEBenchError(f"zoo: label_weight={self.label_weight} must be >= 0")
 
 
 class Projected(nn.Module):
@@ -115,10 +123,13 @@ def pretrain_config(overrides: dict | None) -> PretrainConfig:
 
 
 def pretrain(backbone: str, source: str, pool: ImageSet, cfg: PretrainConfig, *, device: torch.device,
-             progress: bool = False) -> Classifier:
-    """Pretrain a backbone on ``pool`` (supervised or sf); returns it with the pool's head."""
+             progress: bool = False, init: dict[str, torch.Tensor] | None = None) -> Classifier:
+    """Pretrain a backbone on ``pool`` (supervised or sf), from ``init`` weights if given; returns it
+    with the pool's head."""
     torch.manual_seed(cfg.seed)
     model = create_model(backbone, pool.num_classes, pool.image_shape[-1], pool.image_shape[0])
+    if init is not None:
+        model.net.load_state_dict(init)
     if source == "supervised":
         result = train(model, pool.images, pool.labels, cfg.supervised, device=device, seed=cfg.seed,
                        progress=progress, desc=f"pretrain {backbone} (supervised)")
@@ -191,7 +202,8 @@ class Zoo:
     def with_pool(self, pool: ImageSet) -> Zoo:
         """The same zoo pretraining on another pool (e.g. the protected images, whose labels it never uses)."""
         return Zoo(self.cache.root, pool=pool, pool_key={"images": tensor_digest({"x": pool.images})},
-                   config=replace(self.config, label_weight=0.0), device=self.device, progress=self.progress)
+                   config=replace(self.config, label_weight=0.0, sf_init="random"), device=self.device,
+                   progress=self.progress)
 
     def key(self, backbone: str, source: str) -> str:
         cfg = asdict(self.config)
@@ -206,8 +218,13 @@ class Zoo:
                                f"use weights from timm or a file")
         start = time.perf_counter()
 
+        init = None
+        if source == "sf" and self.config.sf_init == "supervised":
+            init, _ = self.build(backbone, "supervised")
+
         def make() -> tuple[dict[str, torch.Tensor], dict]:
-            model = pretrain(backbone, source, self.pool, self.config, device=self.device, progress=self.progress)
+            model = pretrain(backbone, source, self.pool, self.config, device=self.device, progress=self.progress,
+                             init=init)
             return dict(model.net.state_dict()), {"backbone": backbone, "source": source,
                                                   "seconds": time.perf_counter() - start}
 

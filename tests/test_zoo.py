@@ -52,6 +52,20 @@ def test_sf_label_term_uses_labels_but_never_on_the_protected_pool(tmp_path, tin
     assert own.config.label_weight == 0.0, "pretraining on the protected images must not use their labels"
 
 
+def test_sf_can_start_from_the_supervised_weights(tmp_path, tiny_source):
+    cfg = replace(TINY_ZOO, sf_init="supervised", sf=replace(TINY_ZOO.sf, epochs=0))
+    zoo = Zoo(tmp_path, pool=tiny_source, pool_key={"t": 1}, config=cfg)
+    sup, sf = zoo.get("resnet_tiny", "supervised", 5, 32), zoo.get("resnet_tiny", "sf", 5, 32)
+    assert torch.equal(sup.net.layer1[0].conv1.weight, sf.net.layer1[0].conv1.weight), \
+        "with no sf epochs the sf weights must be the supervised ones"
+    trained = Zoo(tmp_path, pool=tiny_source, pool_key={"t": 1}, config=replace(cfg, sf=TINY_ZOO.sf))
+    moved = trained.get("resnet_tiny", "sf", 5, 32)
+    assert not torch.equal(sup.net.layer1[0].conv1.weight, moved.net.layer1[0].conv1.weight), "sf did not train"
+    assert trained.with_pool(tiny_source).config.sf_init == "random", "the protected pool must not get labels"
+    with pytest.raises(UEBenchError, match="sf_init"):
+        replace(TINY_ZOO, sf_init="imagenet")
+
+
 def test_corrupt_checkpoint_is_rebuilt(zoo, caplog):
     zoo.build("resnet_tiny", "supervised")
     path = zoo.cache.path("zoo", zoo.key("resnet_tiny", "supervised"))
