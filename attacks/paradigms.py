@@ -88,6 +88,7 @@ class PretrainedAttack(Attack):
             raise UEBenchError(f"attack {self.name!r} needs the zoo, but the context has none")
         zoo = ctx.zoo if pool is None else ctx.zoo.with_pool(pool)
         c, h, _ = data.image_shape
+        torch.manual_seed(ctx.seed)  # the fresh head: the same for a cell whatever ran before it
         return zoo.get(backbone, self.weights, data.num_classes, h, c, self.weights_path or None)
 
 

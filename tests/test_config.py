@@ -71,3 +71,24 @@ def test_toml_preset(tmp_path):
         load_preset(str(bad))
     with pytest.raises(UEBenchError, match="unknown preset 'nope'"):
         load_preset("nope")
+
+
+def test_readme_preset_example_is_a_valid_preset(tmp_path):
+    """The TOML preset shown in the README loads, and its per-backbone recipe and zoo override apply."""
+    import re
+    from pathlib import Path
+
+    from benchmark.runner import plan
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```toml\n(.*?)```", readme, re.S)
+    assert blocks, "the README must show a TOML preset"
+    path = tmp_path / "example.toml"
+    path.write_text(blocks[0])
+    preset = load_preset(str(path))
+    cells = {(c.attack.name, c.backbone): c for c in plan(preset, attacks=["scratch"])}
+    assert cells[("scratch", "mobilenet_tiny")].attack.plugin.epochs == 10, "the per-backbone recipe did not apply"
+    assert cells[("scratch", "resnet_tiny")].attack.plugin.epochs == 3
+    assert cells[("scratch", "resnet_tiny")].zoo.supervised.epochs == 4, "the zoo override did not apply"
+    assert cells[("scratch", "resnet_tiny")].zoo.supervised.lr == PRESETS["quick"].zoo["supervised"]["lr"], \
+        "a zoo override must keep the base preset's other fields"

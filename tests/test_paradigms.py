@@ -29,6 +29,16 @@ def test_every_attack_trains(name, tiny_train, tiny_test, ctx):
     assert not model.training, f"{name}: fit must return the model in eval mode"
 
 
+@pytest.mark.parametrize("name", ATTACKS.names())
+def test_a_cell_does_not_depend_on_what_ran_before(name, tiny_train, tiny_test, ctx):
+    attack = configure(ATTACKS, name, {"*": FAST}).plugin
+    x = tiny_test.images.float() / 255
+    first = attack.fit(tiny_train, "resnet_tiny", ctx)(x)
+    torch.rand(1000)  # another cell, or anything else, moves the global random state
+    again = attack.fit(tiny_train, "resnet_tiny", ctx)(x)
+    assert torch.equal(first, again), f"{name}: the same cell gave a different model after other work"
+
+
 @pytest.mark.parametrize("spec, frozen_groups", [
     ("frozen_shallow", 2),            # stem + first stage
     ("frozen_shallow:k=2", 3),
