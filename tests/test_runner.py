@@ -115,11 +115,10 @@ def test_corrupt_protected_cache_is_rebuilt(tmp_path, caplog):
     cells = plan(preset_from_dict(dict(TINY, defenses=["random_noise"])))
     runner = _runner(tmp_path)
     runner.run(cells)
-    files = sorted((tmp_path / "out" / "cache" / "protected").glob("*.safetensors"))
-    target = files[-1]
-    data = bytearray(target.read_bytes())
-    data[-10:] = b"\xff" * 10
-    target.write_bytes(bytes(data))
+    for target in (tmp_path / "out" / "cache" / "protected").glob("*.safetensors"):  # clean's and the defense's
+        data = bytearray(target.read_bytes())
+        data[-10:] = b"\xff" * 10
+        target.write_bytes(bytes(data))
     fresh = _runner(tmp_path)
     img, _, _ = fresh.protected(cells[-1])
     assert "corrupt" in caplog.text, "a corrupt cache entry must be reported"
