@@ -161,17 +161,15 @@ class Runner:
             out = cell.defense.plugin.perturb(train, ctx)
             seconds = time.perf_counter() - start
             stats = perturbation_stats(train.images, out.images)
-            quality = perturbation_quality(train.images, out.images)
             meta = {"defense": cell.defense.label, "seconds": seconds, **asdict(stats),
-                    "psnr": quality["psnr"], "ssim": quality["ssim"], **ctx.metrics}
+                    **visibility(train.images, out.images), **ctx.metrics}
             return {"images": out.images, "labels": out.labels}, meta
 
         tensors, meta, hit = self.cache.get_or_build("protected", key, build)
         if not torch.equal(tensors["labels"], train.labels) or tensors["images"].shape != train.images.shape:
             raise UEBenchError(f"cached protected set {key} does not match the data set; delete it")
         if "psnr" not in meta:  # cached by an older version: measure the visibility now
-            quality = perturbation_quality(train.images, tensors["images"])
-            meta = {**meta, "psnr": quality["psnr"], "ssim": quality["ssim"]}
+            meta = {**meta, **visibility(train.images, tensors["images"])}
         img = train.with_images(tensors["images"], name=f"{train.name}+{cell.defense.label}")
         self._protected = {key: (img, meta, seconds)}  # keep one in memory: cells are ordered by defense
         return img, meta, seconds
@@ -271,6 +269,12 @@ def results_frame(store: Store, keys: Sequence[str] | None = None) -> pd.DataFra
 def reference_key(config: dict) -> str:
     """What a cell shares with its clean reference: everything but the defense."""
     return stable_hash({k: v for k, v in config.items() if k != "defense"})
+
+
+def visibility(clean: torch.Tensor, protected: torch.Tensor) -> dict[str, float]:
+    """PSNR and SSIM of a protected set (its size is in ``perturbation_stats``)."""
+    quality = perturbation_quality(clean, protected)
+    return {"psnr": quality["psnr"], "ssim": quality["ssim"]}
 
 
 def perturbations_frame(store: Store, keys: Sequence[str] | None = None) -> pd.DataFrame:

@@ -218,11 +218,10 @@ class Zoo:
                                f"use weights from timm or a file")
         start = time.perf_counter()
 
-        init = None
-        if source == "sf" and self.config.sf_init == "supervised":
-            init, _ = self.build(backbone, "supervised")
-
         def make() -> tuple[dict[str, torch.Tensor], dict]:
+            init = None  # read only when the sf weights are built, not on every cache hit
+            if source == "sf" and self.config.sf_init == "supervised":
+                init, _ = self.build(backbone, "supervised")
             model = pretrain(backbone, source, self.pool, self.config, device=self.device, progress=self.progress,
                              init=init)
             return dict(model.net.state_dict()), {"backbone": backbone, "source": source,
