@@ -124,8 +124,10 @@ def _run(args: argparse.Namespace) -> int:
     shown = df[["defense", "attack", "backbone", "seed", "status", "accuracy", "clean_accuracy", "seconds"]]
     print(tabulate(shown, headers="keys", showindex=False, floatfmt=".1f"))
     if not pert.empty:
-        print("\nPerturbations (L-inf in /255, L2 mean, L0 mean pixels, PSNR dB, SSIM, generation seconds):")
-        print(tabulate(pert.drop(columns="dataset"), headers="keys", showindex=False, floatfmt=".3g"))
+        print("\nPerturbations (L-inf in /255, L2 mean, L0 mean pixels, PSNR dB, SSIM, generation seconds, "
+              "certificate: passed / failed / none, and its checks):")
+        shown_pert = pert.drop(columns="dataset").fillna({"certificate_checks": "-"})
+        print(tabulate(shown_pert, headers="keys", showindex=False, floatfmt=".3g"))
     print(f"\n{summary.planned} cells: {summary.skipped} reused, {len(summary.ran)} run, "
           f"{len(summary.failed)} failed. Results: {runner.out_dir / 'results.csv'}")
     for rec in summary.failed:

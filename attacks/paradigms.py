@@ -20,14 +20,13 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from benchmark.data import ImageSet
 from benchmark.errors import UEBenchError
 from benchmark.models import Classifier
-from benchmark.plugins import Attack, Context
+from benchmark.plugins import Attack, Context, Fitted
 from benchmark.registry import ATTACKS
-from benchmark.training import TrainConfig, train
+from benchmark.training import TrainConfig, train, trainable_parameters
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +35,7 @@ WEIGHT_SOURCES = ("supervised", "sf", "timm", "file", "random")
 
 
 def finetune(model: Classifier, data: ImageSet, cfg: TrainConfig, ctx: Context, mode: str, k: int,
-             desc: str) -> Classifier:
+             desc: str) -> Fitted:
     """Train ``model`` on ``data`` with the stages ``mode`` leaves trainable (the shared paradigm step)."""
     if mode == "linear":
         model.freeze_all_but_head()
@@ -48,12 +47,11 @@ def finetune(model: Classifier, data: ImageSet, cfg: TrainConfig, ctx: Context, 
         raise UEBenchError(f"finetune mode {mode!r} is not one of {FINETUNE_MODES}")
     result = train(model, data.images, data.labels, cfg, device=ctx.device, seed=ctx.seed, progress=ctx.progress,
                    desc=desc)
-    ctx.metrics["train_accuracy"] = result.train_accuracy
-    ctx.metrics["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return model
+    return Fitted(model, train_accuracy=result.train_accuracy, epochs=cfg.epochs,
+                  trainable_parameters=trainable_parameters(model))
 
 
-def _probe_on_features(model: Classifier, data: ImageSet, cfg: TrainConfig, ctx: Context, desc: str) -> Classifier:
+def _probe_on_features(model: Classifier, data: ImageSet, cfg: TrainConfig, ctx: Context, desc: str) -> Fitted:
     """Without augmentation the frozen features never change: compute them once, train the head on them."""
     model.to(ctx.device).eval()
     feats = []
@@ -65,9 +63,8 @@ def _probe_on_features(model: Classifier, data: ImageSet, cfg: TrainConfig, ctx:
     head = model.head
     result = train(head, features, data.labels, cfg, device=ctx.device, seed=ctx.seed, progress=ctx.progress,
                    desc=desc)
-    ctx.metrics["train_accuracy"] = result.train_accuracy
-    ctx.metrics["trainable_parameters"] = sum(p.numel() for p in head.parameters())
-    return model
+    return Fitted(model, train_accuracy=result.train_accuracy, epochs=cfg.epochs,
+                  trainable_parameters=trainable_parameters(head))
 
 
 @dataclass(frozen=True)
@@ -102,7 +99,7 @@ class LinearProbe(PretrainedAttack):
 
     title = "Linear probe on a pretrained backbone"
 
-    def _fit(self, data: ImageSet, backbone: str, ctx: Context) -> nn.Module:
+    def _fit(self, data: ImageSet, backbone: str, ctx: Context) -> Fitted:
         model = self.pretrained(data, backbone, ctx)
         return finetune(model, data, self.train_config(), ctx, "linear", 0, f"linear_probe {backbone}")
 
@@ -122,7 +119,7 @@ class FrozenShallow(PretrainedAttack):
         if self.k < 0:
             raise UEBenchError(f"frozen_shallow: k={self.k} must be >= 0")
 
-    def _fit(self, data: ImageSet, backbone: str, ctx: Context) -> nn.Module:
+    def _fit(self, data: ImageSet, backbone: str, ctx: Context) -> Fitted:
         model = self.pretrained(data, backbone, ctx)
         return finetune(model, data, self.train_config(), ctx, "frozen_shallow", self.k,
                         f"frozen_shallow(k={self.k}) {backbone}")
@@ -136,7 +133,7 @@ class FullFinetune(PretrainedAttack):
     title = "Full fine-tuning (pretrained)"
     paper = "2603.04731"
 
-    def _fit(self, data: ImageSet, backbone: str, ctx: Context) -> nn.Module:
+    def _fit(self, data: ImageSet, backbone: str, ctx: Context) -> Fitted:
         model = self.pretrained(data, backbone, ctx)
         return finetune(model, data, self.train_config(), ctx, "full", 0, f"full_finetune {backbone}")
 
@@ -169,7 +166,7 @@ class SFPretrain(PretrainedAttack):
         if self.pretrain_on == "protected" and self.weights != "sf":
             raise UEBenchError("sf_pretrain: pretrain_on=protected needs weights=sf")
 
-    def _fit(self, data: ImageSet, backbone: str, ctx: Context) -> nn.Module:
+    def _fit(self, data: ImageSet, backbone: str, ctx: Context) -> Fitted:
         model = self.pretrained(data, backbone, ctx, pool=data if self.pretrain_on == "protected" else None)
         return finetune(model, data, self.train_config(), ctx, self.finetune, self.k,
                         f"sf_pretrain({self.finetune}) {backbone}")

@@ -9,13 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from benchmark.data import ImageSet
 from benchmark.models import create_model
-from benchmark.plugins import Attack, Context
+from benchmark.plugins import Attack, Context, Fitted
 from benchmark.registry import ATTACKS
-from benchmark.training import train
+from benchmark.training import train, trainable_parameters
 
 
 @ATTACKS.register("scratch")
@@ -23,10 +22,10 @@ from benchmark.training import train
 class Scratch(Attack):
     title = "Training from scratch"
 
-    def _fit(self, data: ImageSet, backbone: str, ctx: Context) -> nn.Module:
+    def _fit(self, data: ImageSet, backbone: str, ctx: Context) -> Fitted:
         torch.manual_seed(ctx.seed)
         model = create_model(backbone, data.num_classes, data.image_shape[-1], data.image_shape[0])
         result = train(model, data.images, data.labels, self.train_config(), device=ctx.device, seed=ctx.seed,
                        progress=ctx.progress, desc=f"scratch {backbone}")
-        ctx.metrics["train_accuracy"] = result.train_accuracy
-        return model
+        return Fitted(model, train_accuracy=result.train_accuracy, epochs=self.epochs,
+                      trainable_parameters=trainable_parameters(model))

@@ -79,10 +79,16 @@ class Cache:
 
     def get_or_build(self, kind: str, key: str,
                      build: Callable[[], tuple[dict[str, torch.Tensor], dict]],
+                     accept: Callable[[dict], bool] | None = None,
                      ) -> tuple[dict[str, torch.Tensor], dict, bool]:
-        """Return (tensors, meta, hit). ``build`` runs only when there is no valid entry."""
+        """Return (tensors, meta, hit). ``build`` runs only when there is no valid entry; an entry whose
+        meta ``accept`` refuses (e.g. written by an older version that did not record everything) is
+        built again and replaced."""
         path = self.path(kind, key)
         loaded = load_verified(path)
+        if loaded is not None and accept is not None and not accept(loaded[1]):
+            log.info("cache entry %s %s lacks what this version records; building it again", kind, key)
+            loaded = None
         if loaded is not None:
             log.info("loaded %s %s from cache", kind, key)
             return loaded[0], loaded[1], True

@@ -8,6 +8,7 @@ here, by the engine, on the uint8 bytes it would publish.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -39,7 +40,6 @@ class Context:
     dataset_key: dict = field(default_factory=dict)  # identifies the data set, for cache keys
     source: ImageSet | None = None                   # the zoo's pretraining pool (disjoint from train/test)
     zoo: Zoo | None = None                           # pretrained backbones for this data set
-    metrics: dict[str, Any] = field(default_factory=dict)  # a plugin may report numbers here
 
     def generator(self, offset: int = 0) -> torch.Generator:
         """A CPU generator seeded from the context seed (``offset`` separates independent streams)."""
@@ -74,6 +74,96 @@ def perturbation_stats(clean: torch.Tensor, protected: torch.Tensor) -> Perturba
         linf=float(diff.abs().max()) if n else 0.0, l2_mean=float(l2.mean()) if n else 0.0,
         l2_max=float(l2.max()) if n else 0.0, l0_max=int(l0.max()) if n else 0, l0_mean=float(l0.float().mean()) if n else 0.0,
     )
+
+
+OPS = ("<=", ">=")
+
+
+@dataclass(frozen=True)
+class Check:
+    """One measured number of a certificate and the threshold it must meet (``value op threshold``)."""
+
+    name: str         # what was measured, e.g. "surrogate_error" (a fraction unless the name says otherwise)
+    value: float
+    threshold: float
+    op: str = "<="    # <= | >=
+
+    def __post_init__(self) -> None:
+        if self.op not in OPS:
+            raise UEBenchError(f"certificate check {self.name!r}: op={self.op!r} must be one of {OPS}")
+
+    @property
+    def passed(self) -> bool:
+        if not math.isfinite(self.value):
+            return False
+        return self.value <= self.threshold if self.op == "<=" else self.value >= self.threshold
+
+    def describe(self) -> str:
+        return f"{self.name} {self.value:.3g} {self.op} {self.threshold:.3g} {'pass' if self.passed else 'FAIL'}"
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """The numbers that show a defense reached its own objective, measured on the released uint8 bytes.
+
+    ``checks`` carry thresholds and decide the verdict; ``info`` holds further measured numbers that
+    have no threshold (e.g. the hit rate of each curriculum stage). A failed certificate is a result:
+    the protected set is still used, and the leaderboard shows the failure.
+    """
+
+    checks: tuple[Check, ...]
+    info: tuple[tuple[str, float], ...] = ()
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    def describe(self) -> str:
+        parts = [c.describe() for c in self.checks] + [f"{k} {v:.3g}" for k, v in self.info]
+        return f"{'passed' if self.passed else 'FAILED'}: " + "; ".join(parts)
+
+    def compact(self) -> str:
+        """The checks in one short line: ``surrogate_error=0.004<=0.01; shortcut_accuracy=0.99>=0.9``."""
+        return "; ".join(f"{c.name}={c.value:.3g}{c.op}{c.threshold:.3g}" for c in self.checks)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed,
+                "checks": [{"name": c.name, "value": c.value, "threshold": c.threshold, "op": c.op,
+                            "passed": c.passed} for c in self.checks],
+                "info": {k: v for k, v in self.info}}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Certificate:
+        def number(v: Any) -> float:  # JSON has no NaN: entries store an unmeasured number as null
+            return float("nan") if v is None else float(v)
+
+        checks = tuple(Check(c["name"], number(c["value"]), number(c["threshold"]), c.get("op", "<="))
+                       for c in data.get("checks", []))
+        return cls(checks, tuple((str(k), number(v)) for k, v in (data.get("info") or {}).items()))
+
+
+def certificate(*checks: Check, **info: float) -> Certificate:
+    """``certificate(Check(...), Check(...), rounds=3)``: the checks plus named extra numbers."""
+    return Certificate(tuple(checks), tuple((k, float(v)) for k, v in info.items()))
+
+
+@dataclass(frozen=True)
+class Protected:
+    """What a defense returns: the images it would publish and the certificate of its own objective
+    (``None`` for defenses that have no objective to reach, such as ``clean``)."""
+
+    data: ImageSet
+    certificate: Certificate | None = None
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """What an attack returns: the trained classifier and a report of its training."""
+
+    model: nn.Module
+    train_accuracy: float | None = None     # % on the (protected) training batches of the last epoch
+    epochs: int = 0                         # epochs run
+    trainable_parameters: int | None = None
 
 
 class Plugin:
@@ -115,13 +205,21 @@ class Defense(Plugin):
         return {**self.plugin_info(), "norm": tm.norm, "budget": tm.budget,
                 "granularity": tm.granularity}
 
-    def perturb(self, train: ImageSet, ctx: Context) -> ImageSet:
-        """Protect ``train``; the result is checked against the threat model before it is returned."""
-        out = self._perturb(train, ctx)
-        check_protected(type(self).name, self.threat_model(), train, out)
-        return out
+    def perturb(self, train: ImageSet, ctx: Context) -> Protected:
+        """Protect ``train``; the images are checked against the threat model before they are returned.
 
-    def _perturb(self, train: ImageSet, ctx: Context) -> ImageSet:
+        ``_perturb`` returns a ``Protected`` (images and certificate); a plain ``ImageSet`` is accepted
+        from third-party plugins and carries no certificate.
+        """
+        out = self._perturb(train, ctx)
+        result = out if isinstance(out, Protected) else Protected(out, None)
+        check_protected(type(self).name, self.threat_model(), train, result.data)
+        if result.certificate is not None and not isinstance(result.certificate, Certificate):
+            raise UEBenchError(f"defense {type(self).name!r}: the certificate must be a Certificate, "
+                               f"got {type(result.certificate).__name__}")
+        return result
+
+    def _perturb(self, train: ImageSet, ctx: Context) -> Protected | ImageSet:
         raise NotImplementedError(f"defense {type(self).name!r} does not implement _perturb")
 
 
@@ -170,11 +268,15 @@ class Attack(Plugin, TrainConfig):
     def metadata(self) -> dict[str, Any]:
         return self.plugin_info()
 
-    def fit(self, train: ImageSet, backbone: str, ctx: Context) -> nn.Module:
-        model = self._fit(train, backbone, ctx)
-        if not isinstance(model, nn.Module):
-            raise UEBenchError(f"attack {type(self).name!r}: fit must return an nn.Module, got {type(model).__name__}")
-        return model.eval()
+    def fit(self, train: ImageSet, backbone: str, ctx: Context) -> Fitted:
+        """Train a victim on ``train``; ``_fit`` returns a ``Fitted`` (or a bare ``nn.Module``)."""
+        out = self._fit(train, backbone, ctx)
+        result = out if isinstance(out, Fitted) else Fitted(out) if isinstance(out, nn.Module) else None
+        if result is None or not isinstance(result.model, nn.Module):
+            raise UEBenchError(f"attack {type(self).name!r}: fit must return a Fitted or an nn.Module, "
+                               f"got {type(out).__name__}")
+        result.model.eval()
+        return result
 
-    def _fit(self, train: ImageSet, backbone: str, ctx: Context) -> nn.Module:
+    def _fit(self, train: ImageSet, backbone: str, ctx: Context) -> Fitted | nn.Module:
         raise NotImplementedError(f"attack {type(self).name!r} does not implement _fit")

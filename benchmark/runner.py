@@ -29,7 +29,7 @@ from benchmark.data import DatasetConfig, ImageSet, Splits, load_dataset
 from benchmark.errors import UEBenchError
 from benchmark.models import get_spec
 from benchmark.metrics import perturbation_quality
-from benchmark.plugins import Context, perturbation_stats
+from benchmark.plugins import Certificate, Context, perturbation_stats
 from benchmark.presets import Preset
 from benchmark.registry import ATTACKS, DEFENSES
 from benchmark.store import CellRecord, Store
@@ -158,18 +158,20 @@ class Runner:
         def build() -> tuple[dict[str, torch.Tensor], dict]:
             nonlocal seconds
             start = time.perf_counter()
-            out = cell.defense.plugin.perturb(train, ctx)
+            result = cell.defense.plugin.perturb(train, ctx)
             seconds = time.perf_counter() - start
+            out, cert = result.data, result.certificate
             stats = perturbation_stats(train.images, out.images)
             meta = {"defense": cell.defense.label, "seconds": seconds, **asdict(stats),
-                    **visibility(train.images, out.images), **ctx.metrics}
+                    **visibility(train.images, out.images),
+                    "certificate": None if cert is None else cert.to_dict()}
             return {"images": out.images, "labels": out.labels}, meta
 
-        tensors, meta, hit = self.cache.get_or_build("protected", key, build)
+        # a set cached before certificates existed is generated again: its certificate cannot be measured later
+        tensors, meta, hit = self.cache.get_or_build("protected", key, build, accept=lambda m: "certificate" in m)
         if not torch.equal(tensors["labels"], train.labels) or tensors["images"].shape != train.images.shape:
             raise UEBenchError(f"cached protected set {key} does not match the data set; delete it")
-        if "psnr" not in meta:  # cached by an older version: measure the visibility now
-            meta = {**meta, **visibility(train.images, tensors["images"])}
+        log_certificate(cell.defense.label, cell.seed, meta["certificate"])
         img = train.with_images(tensors["images"], name=f"{train.name}+{cell.defense.label}")
         self._protected = {key: (img, meta, seconds)}  # keep one in memory: cells are ordered by defense
         return img, meta, seconds
@@ -192,10 +194,11 @@ class Runner:
             protected, meta, defense_seconds = self.protected(cell)
             splits = self.splits(cell.dataset)
             ctx = self.context(cell, splits)
-            model = cell.attack.plugin.fit(protected, cell.backbone, ctx)
-            acc = evaluate(model, splits.test.images, splits.test.labels, self.device)
-            train_acc = ctx.metrics.pop("train_accuracy", None)
-            metrics = {"attack": ctx.metrics, "perturbation": meta, "num_classes": protected.num_classes}
+            fitted = cell.attack.plugin.fit(protected, cell.backbone, ctx)
+            acc = evaluate(fitted.model, splits.test.images, splits.test.labels, self.device)
+            train_acc = fitted.train_accuracy
+            metrics = {"attack": {"epochs": fitted.epochs, "trainable_parameters": fitted.trainable_parameters},
+                       "perturbation": meta, "num_classes": protected.num_classes}
         except Exception as exc:  # one failing cell must not stop the grid; it is recorded with its error
             status, error = "failed", f"{type(exc).__name__}: {exc}"
             log.error("cell %s failed: %s", cell.describe(), error)
@@ -271,6 +274,27 @@ def reference_key(config: dict) -> str:
     return stable_hash({k: v for k, v in config.items() if k != "defense"})
 
 
+def log_certificate(defense: str, seed: int, cert: dict[str, Any] | None) -> None:
+    """The verdict of a protected set's certificate, once per protected set (a failure is a warning)."""
+    if cert is None:
+        log.info("%s (seed %d): no certificate (the defense has no objective it reports)", defense, seed)
+        return
+    c = Certificate.from_dict(cert)
+    if c.passed:
+        log.info("%s (seed %d): certificate %s", defense, seed, c.describe())
+    else:
+        log.warning("%s (seed %d): certificate failed: %s; the cells still run and the leaderboard flags it",
+                    defense, seed, c.describe())
+
+
+def certificate_columns(cert: dict[str, Any] | None) -> dict[str, str | None]:
+    """``certificate`` (passed | failed | none) and ``certificate_checks`` (``name=value<=threshold; ...``)."""
+    if not cert:
+        return {"certificate": "none", "certificate_checks": None}
+    c = Certificate.from_dict(cert)
+    return {"certificate": "passed" if c.passed else "failed", "certificate_checks": c.compact()}
+
+
 def visibility(clean: torch.Tensor, protected: torch.Tensor) -> dict[str, float]:
     """PSNR and SSIM of a protected set (its size is in ``perturbation_stats``)."""
     quality = perturbation_quality(clean, protected)
@@ -278,10 +302,11 @@ def visibility(clean: torch.Tensor, protected: torch.Tensor) -> dict[str, float]
 
 
 def perturbations_frame(store: Store, keys: Sequence[str] | None = None) -> pd.DataFrame:
-    """One row per protected set (data set, defense, seed): its measured size and visibility.
+    """One row per protected set (data set, defense, seed): its measured size, visibility and certificate.
 
     L-inf in /255 units, L2 in [0, 1] pixel units (mean over images), L0 in changed pixel positions,
-    PSNR in dB, SSIM in [0, 1], and the seconds the defense took to generate it.
+    PSNR in dB, SSIM in [0, 1], the seconds the defense took to generate it, and the verdict of its
+    certificate (passed | failed | none) with the measured checks.
     """
     df = store.frame()
     if keys is not None:
@@ -290,8 +315,9 @@ def perturbations_frame(store: Store, keys: Sequence[str] | None = None) -> pd.D
     for rec in df[df["status"] == "ok"].itertuples():
         pert = (rec.metrics or {}).get("perturbation") or {}
         rows.append({"dataset": rec.dataset, "defense": rec.defense, "seed": rec.seed,
-                     **{c: pert.get(src) for c, src in PERTURBATION_FIELDS.items()}})
-    out = pd.DataFrame(rows, columns=["dataset", "defense", "seed", *PERTURBATION_FIELDS])
+                     **{c: pert.get(src) for c, src in PERTURBATION_FIELDS.items()},
+                     **certificate_columns(pert.get("certificate"))})
+    out = pd.DataFrame(rows, columns=["dataset", "defense", "seed", *PERTURBATION_FIELDS, *CERTIFICATE_COLUMNS])
     # every cell of a protected set carries the same numbers; keep the most complete row
     out = out.assign(_n=out.notna().sum(axis=1)).sort_values("_n", kind="stable")
     out = out.drop_duplicates(["dataset", "defense", "seed"], keep="last").drop(columns="_n")
@@ -300,6 +326,7 @@ def perturbations_frame(store: Store, keys: Sequence[str] | None = None) -> pd.D
 
 PERTURBATION_FIELDS = {"linf_255": "linf", "l2_mean": "l2_mean", "l0_mean": "l0_mean", "psnr_db": "psnr",
                        "ssim": "ssim", "generation_seconds": "seconds"}
+CERTIFICATE_COLUMNS = ("certificate", "certificate_checks")
 
 
 def write_csv(df: pd.DataFrame, path: Path) -> pd.DataFrame:

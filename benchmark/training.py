@@ -196,6 +196,11 @@ def train(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, cfg: Tra
     return TrainResult(100.0 * correct / seen if seen else float("nan"), loss_value, step, time.perf_counter() - start)
 
 
+def trainable_parameters(model: nn.Module) -> int:
+    """The number of parameters of ``model`` that require grad (what ``train`` updates)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 @torch.no_grad()
 def predict(model: nn.Module, inputs: torch.Tensor, device: torch.device, batch_size: int = 512) -> torch.Tensor:
     """Logits for every input (uint8 images are scaled to [0, 1]), in eval mode, on the CPU."""

@@ -14,6 +14,8 @@ start of size (H + crop) x (W + crop), every pixel after the first two rows and 
 the AR prediction from its neighbours, the first ``crop`` rows and columns dropped, the rest scaled
 to L2 ``eps`` (1.0 for 32x32 RGB, as ISS and APBench evaluate AR). Zero, NaN or infinite signals
 (the reference release can divide by a zero norm) are drawn again, never published.
+Certificate: ``benchmark.certify.shortcut_check`` on the released bytes (the perturbation alone must
+be a learnable shortcut: held-out accuracy of a small CNN trained on it at least 90 %).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ import torch.nn.functional as F
 
 from benchmark.data import ImageSet
 from benchmark.errors import UEBenchError
-from benchmark.plugins import Context, Defense
+from benchmark.certify import shortcut_check
+from benchmark.plugins import Context, Defense, Protected, certificate
 from benchmark.registry import DEFENSES
 from defenses._common import l2_norms, normalize_l2, publish, round_l2
 
@@ -147,7 +150,7 @@ class AutoregressivePerturbation(Defense):
         """Candidates (rows) whose every trial's unscaled L-inf norm is finite, nonzero and within the bound."""
         return (torch.isfinite(peaks) & (peaks > 0) & (peaks <= self.norm_bound)).all(dim=1)
 
-    def _perturb(self, train: ImageSet, ctx: Context) -> ImageSet:
+    def _perturb(self, train: ImageSet, ctx: Context) -> Protected:
         gen = ctx.generator()
         c, h, w = train.image_shape
         processes = self.find_processes(train.num_classes, c, (h, w), gen)
@@ -161,4 +164,5 @@ class AutoregressivePerturbation(Defense):
             sig[bad] = self.signals(coefficients[bad], (h, w), gen)
         else:
             raise UEBenchError("ar: some AR signals stay zero, NaN or infinite after 10 redraws")
-        return publish(train, round_l2(normalize_l2(sig, self.eps), self.eps), "ar")
+        out = publish(train, round_l2(normalize_l2(sig, self.eps), self.eps), "ar")
+        return Protected(out, certificate(shortcut_check(train, out, ctx)))

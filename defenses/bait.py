@@ -19,6 +19,21 @@ so theta' is built without a second-order graph by default. Deviations: the leas
 excludes the true class (the official argmin may pick it), x + delta is clipped to [0, 1] in the
 surrogate steps too, and the release rounds delta to whole uint8 steps (the official uint8 cast
 truncates). Class means and the per-target gather are one-hot products, so a seed gives the same bytes.
+
+``parametrization="direct"`` (the project's documented variant, not in the paper) optimizes the class
+noise itself, a K x C x H x W tensor: each outer batch takes one signed step of ``direct_step`` on
+delta against the same loss CE(f_theta'(clip(x + delta_t)), t), with the same targets, look-ahead and
+surrogate steps, and clamps it to [-eps, eps]. The outer loss depends on G only through the class
+means, and every class-wise delta within eps is the class mean of some G, so the set of releasable
+perturbations is the same; what is lost is G's amortization and smoothness prior. It exists because
+the small generator does not become class-specific in a CPU budget: G never sees labels, and the
+surrogate's first BatchNorm (train mode) cancels any pattern shared by the batch, so a G that is
+still one shared pattern gets no useful signal.
+
+Certificate (``release_certificate``, on the released bytes, final surrogate in eval mode): the bind
+rate of uniformly random wrong targets (>= 0.9), the surrogate error on x + delta_y (<= 0.1), the
+class-specific part of the noise (>= 0.5), the mean cosine between class deltas (<= 0.2), and the
+target hit rate of each curriculum stage.
 """
 
 from __future__ import annotations
@@ -36,16 +51,17 @@ from tqdm.auto import tqdm
 from benchmark.data import ImageSet
 from benchmark.errors import UEBenchError
 from benchmark.models import get_spec
-from benchmark.plugins import Context, Defense
+from benchmark.plugins import Certificate, Check, Context, Defense, Protected, certificate
 from benchmark.registry import DEFENSES
-from benchmark.training import AUGMENTS, TrainConfig, augment_batch
-from defenses._common import error_rate, publish, round_linf, surrogate_model
+from benchmark.training import AUGMENTS, TrainConfig, augment_batch, predict
+from defenses._common import batches, error_rate, publish, round_linf, surrogate_model
 
 log = logging.getLogger(__name__)
 
 # generator size -> (base width, residual blocks); "published" is the official AdvGAN-style network
 GENERATORS = {"published": (16, 8), "small": (4, 2)}
 STAGES = ("hard", "random", "least")
+PARAMETRIZATIONS = ("generator", "direct")
 
 
 # ---------------------------------------------------------------- the generator
@@ -190,6 +206,8 @@ class Bait(Defense):
     batch_size: int = 512                 # images per generator step and per surrogate step
     train_portion: float = 1.0            # fraction of the images G trains on (official --use_subset option)
     augment: str = "crop_flip"            # augmentation of the surrogate's batch (the official loader's)
+    parametrization: str = "generator"    # generator (published: delta_k = eps * class mean of G(x)) | direct
+    direct_step: float = 0.8 / 255        # direct: signed step on delta per outer batch, [0, 1] pixel units
 
     title = "BAIT: binding perturbations to incorrect targets"
     paper = "2603.04731"
@@ -213,37 +231,48 @@ class Bait(Defense):
             (self.batch_size >= 1, "batch_size", self.batch_size, ">= 1"),
             (0 < self.train_portion <= 1, "train_portion", self.train_portion, "in (0, 1]"),
             (self.augment in AUGMENTS, "augment", self.augment, f"one of {AUGMENTS}"),
+            (self.parametrization in PARAMETRIZATIONS, "parametrization", self.parametrization,
+             f"one of {PARAMETRIZATIONS}"),
+            (self.direct_step > 0, "direct_step", self.direct_step, "> 0"),
         ]
         for ok, name, value, rule in checks:
             if not ok:
                 raise UEBenchError(f"bait: {name}={value!r} must be {rule}")
         get_spec(self.surrogate_backbone)  # raises with the valid names
 
-    def _perturb(self, train: ImageSet, ctx: Context) -> ImageSet:
+    def _perturb(self, train: ImageSet, ctx: Context) -> Protected:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(ctx.seed)
-            delta = self.class_noise(train, ctx)
+            run = self.class_noise(train, ctx)
         # whole uint8 steps, so that every image of a class gets exactly the same change (up to clipping)
-        return publish(train, round_linf(delta, self.eps)[train.labels], "bait")
+        released = round_linf(run.delta, self.eps)
+        out = publish(train, released[train.labels], "bait")
+        cert = release_certificate(run.surrogate, train, out, released, ctx, self.batch_size, run.hit_rates)
+        log.info("bait (%s): %s", self.parametrization, cert.describe())
+        return Protected(out, cert)
 
-    def class_noise(self, train: ImageSet, ctx: Context) -> torch.Tensor:
-        """Run the bi-level optimization; returns the released class noise (K x C x H x W, CPU)."""
+    def class_noise(self, train: ImageSet, ctx: Context) -> BaitRun:
+        """Run the bi-level optimization; returns the class noise (K x C x H x W, CPU), the final surrogate
+        and the target hit rate of each curriculum stage (averaged over the stage's generator steps)."""
         start = time.perf_counter()
         dev, gen, k, cl = ctx.device, ctx.generator(), train.num_classes, torch.channels_last
         images, labels = train.images.to(dev), train.labels.to(dev)
         model = surrogate_model(self.surrogate_backbone, "supervised" if self.pretrained_surrogate else "scratch",
                                 train, ctx).to(memory_format=cl)
-        net = Generator(train.image_shape[0], *GENERATORS[self.generator]).to(dev, memory_format=cl)
-        opt_g = torch.optim.Adam(net.parameters(), lr=self.generator_lr)
+        direct = self.parametrization == "direct"
+        net = None if direct else Generator(train.image_shape[0], *GENERATORS[self.generator]).to(dev, memory_format=cl)
+        opt_g = None if net is None else torch.optim.Adam(net.parameters(), lr=self.generator_lr)
         opt_s = torch.optim.SGD(model.parameters(), lr=self.surrogate_lr, momentum=self.momentum,
                                 weight_decay=self.weight_decay)
         protocol = TrainConfig(augment=self.augment)
         delta = torch.zeros(k, *train.image_shape, device=dev)
         n, bs = len(train), self.batch_size
         pool = torch.randperm(n, generator=gen)[: max(1, round(self.train_portion * n))].to(dev)
-        hits = seen = 0
+        hits = {stage: 0 for stage in STAGES}
+        seen = {stage: 0 for stage in STAGES}
         loss_g = float("nan")
-        for epoch in tqdm(range(self.epochs), desc="bait", unit="ep", leave=False, disable=not ctx.progress):
+        for epoch in tqdm(range(self.epochs), desc=f"bait ({self.parametrization})", unit="ep", leave=False,
+                          disable=not ctx.progress):
             stage = curriculum_stage(epoch, self.epochs)
             batch = pool[torch.randperm(len(pool), generator=gen)[:bs].to(dev)]
             xs = augment_batch(images[batch], protocol, gen).float() / 255
@@ -255,29 +284,38 @@ class Bait(Defense):
             theta = lookahead_step(model, (xs + delta[ys]).clamp(0, 1).contiguous(memory_format=cl), ys,
                                    lr=self.surrogate_lr, momentum=self.momentum, weight_decay=self.weight_decay,
                                    momentum_buffers=buffers)
-            # (2) a pass of generator steps binding delta_t to the incorrect target t
-            hits = seen = 0
+            # (2) a pass of outer steps binding delta_t to the incorrect target t
+            epoch_hits = epoch_seen = 0
             order = pool[torch.randperm(len(pool), generator=gen).to(dev)]
             for i in range(0, len(order), bs):
                 idx = order[i: i + bs]
                 xb, yb = (images[idx].float() / 255).contiguous(memory_format=cl), labels[idx]
                 with torch.no_grad():
                     target = select_targets(call(model, theta, xb), yb, stage, gen)
-                means, _ = class_means(net(xb), yb, k)
-                x_adv = (xb + self.eps * pick(means, target)).clamp(0, 1).contiguous(memory_format=cl)
-                logits = call(model, theta, x_adv)
-                loss = F.cross_entropy(logits.float(), target)
-                opt_g.zero_grad(set_to_none=True)
-                loss.backward()
-                opt_g.step()
+                if direct:
+                    rows = delta.detach().requires_grad_(True)
+                    logits = call(model, theta, (xb + pick(rows, target)).clamp(0, 1).contiguous(memory_format=cl))
+                    loss = F.cross_entropy(logits.float(), target)
+                    grad, = torch.autograd.grad(loss, rows)
+                    delta = (delta - self.direct_step * grad.sign()).clamp(-self.eps, self.eps)
+                else:
+                    means, _ = class_means(net(xb), yb, k)
+                    x_adv = (xb + self.eps * pick(means, target)).clamp(0, 1).contiguous(memory_format=cl)
+                    logits = call(model, theta, x_adv)
+                    loss = F.cross_entropy(logits.float(), target)
+                    opt_g.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt_g.step()
+                    with torch.no_grad():
+                        means, present = class_means(net(xb), yb, k)
+                        delta[present] = (self.eps * means[present]).clamp(-self.eps, self.eps)
                 loss_g = float(loss.detach())
-                hits += int((logits.detach().argmax(1) == target).sum())
-                seen += len(yb)
-                with torch.no_grad():
-                    means, present = class_means(net(xb), yb, k)
-                    delta[present] = (self.eps * means[present]).clamp(-self.eps, self.eps)
-            log.debug("bait epoch %d (%s): generator loss %.3f, target hit rate %.2f", epoch, stage, loss_g,
-                      hits / max(seen, 1))
+                epoch_hits += int((logits.detach().argmax(1) == target).sum())
+                epoch_seen += len(yb)
+            hits[stage] += epoch_hits
+            seen[stage] += epoch_seen
+            log.debug("bait epoch %d (%s): outer loss %.3f, target hit rate %.2f", epoch, stage, loss_g,
+                      epoch_hits / max(epoch_seen, 1))
             # (3) real steps of the surrogate on the look-ahead batch with the updated noise
             for _ in range(self.surrogate_steps):
                 opt_s.zero_grad(set_to_none=True)
@@ -286,15 +324,12 @@ class Bait(Defense):
                 if self.grad_clip > 0:
                     nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
                 opt_s.step()
-        release = self._release(net, images, labels, k)
-        error = error_rate(model, train.images, train.labels, release[train.labels].cpu(), dev, bs)
-        seconds = time.perf_counter() - start
-        ctx.metrics.update({"surrogate_train_error": error, "generator_loss": loss_g,
-                            "target_hit_rate": hits / max(seen, 1), "generation_seconds": seconds,
-                            "generator_parameters": sum(p.numel() for p in net.parameters())})
-        log.info("bait: %d epochs, generator loss %.3f, target hit rate %.2f, surrogate error %.3f, %.0fs",
-                 self.epochs, loss_g, hits / max(seen, 1), error, seconds)
-        return release.cpu()
+        release = delta.detach() if net is None else self._release(net, images, labels, k)
+        rates = {stage: hits[stage] / seen[stage] for stage in STAGES if seen[stage]}
+        log.info("bait (%s): %d epochs, outer loss %.3f, target hit rate per stage %s, %.0fs", self.parametrization,
+                 self.epochs, loss_g, ", ".join(f"{s} {r:.2f}" for s, r in rates.items()),
+                 time.perf_counter() - start)
+        return BaitRun(release.cpu(), model.eval(), rates)
 
     @torch.no_grad()
     def _release(self, net: Generator, images: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
@@ -309,3 +344,56 @@ class Bait(Defense):
             sums += means * c.view(-1, 1, 1, 1)
             counts += c
         return (self.eps * sums / counts.clamp(min=1).view(-1, 1, 1, 1)).clamp(-self.eps, self.eps)
+
+
+@dataclass(frozen=True)
+class BaitRun:
+    delta: torch.Tensor              # K x C x H x W class noise (float, before rounding), CPU
+    surrogate: nn.Module             # the final surrogate (eval mode)
+    hit_rates: dict[str, float]      # curriculum stage -> fraction of outer-step samples classified as their target
+
+
+# the release gate (see docs/methods.md, "Certificates"): the noise binds wrong targets on the surrogate
+BIND_GATE = 0.9           # random-target bind rate >=
+ERROR_GATE = 0.1          # surrogate error on x + delta_y <=
+CLASS_SPECIFIC_GATE = 0.5  # ||delta - mean_k delta|| / ||delta|| >=
+COSINE_GATE = 0.2         # mean cosine between two classes' deltas <=
+
+
+def class_structure(delta: torch.Tensor) -> tuple[float, float]:
+    """(class-specific part ||delta - mean_k delta|| / ||delta||, mean cosine between different classes' deltas)."""
+    flat = delta.flatten(1).double()
+    total = float(flat.norm())
+    specific = float((flat - flat.mean(0, keepdim=True)).norm()) / total if total > 0 else 0.0
+    unit = flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    cos = unit @ unit.t()
+    k = len(flat)
+    mean_cos = float((cos.sum() - cos.diagonal().sum()) / (k * (k - 1))) if k > 1 else 0.0
+    return specific, mean_cos
+
+
+@torch.no_grad()
+def release_certificate(model: nn.Module, train: ImageSet, out: ImageSet, released: torch.Tensor, ctx: Context,
+                        batch_size: int, hit_rates: dict[str, float]) -> Certificate:
+    """BAIT's objective measured on the release with the final surrogate in eval mode.
+
+    ``released`` is the rounded class noise (K x C x H x W, whole uint8 steps). The bind rate adds the
+    noise of a uniformly random wrong class t to each clean image and counts argmax == t; the error is
+    the surrogate's on the published images (x + delta_y).
+    """
+    model.eval()
+    gen = ctx.generator(101)
+    step = (released * 255).round().to(torch.int16)
+    hits = 0
+    for s in batches(len(train), batch_size):
+        y = train.labels[s]
+        t = select_targets(torch.zeros(len(y), train.num_classes), y, "random", gen)
+        x = (train.images[s].to(torch.int16) + step[t]).clamp(0, 255).to(torch.uint8)
+        hits += int((predict(model, x, ctx.device, batch_size).argmax(1) == t).sum())
+    bind = hits / max(1, len(train))
+    error = error_rate(model, out.images, out.labels, None, ctx.device, batch_size)
+    specific, mean_cos = class_structure(released)
+    return certificate(Check("bind_rate", bind, BIND_GATE, ">="), Check("surrogate_error", error, ERROR_GATE, "<="),
+                       Check("class_specific", specific, CLASS_SPECIFIC_GATE, ">="),
+                       Check("mean_class_cosine", mean_cos, COSINE_GATE, "<="),
+                       **{f"hit_rate_{stage}": rate for stage, rate in hit_rates.items()})

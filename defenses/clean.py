@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from benchmark.data import ImageSet
-from benchmark.plugins import Context, Defense
+from benchmark.plugins import Context, Defense, Protected
 from benchmark.registry import DEFENSES
 
 
@@ -18,5 +18,5 @@ class Clean(Defense):
     norm = "none"
     granularity = "none"
 
-    def _perturb(self, train: ImageSet, ctx: Context) -> ImageSet:
-        return train.with_images(train.images.clone(), name=f"{train.name}+clean")
+    def _perturb(self, train: ImageSet, ctx: Context) -> Protected:
+        return Protected(train.with_images(train.images.clone(), name=f"{train.name}+clean"), None)

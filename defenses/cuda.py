@@ -8,6 +8,8 @@ Each class gets a ``kernel_size`` x ``kernel_size`` filter with weights U(0, ``b
 tap set to ``center`` (1.0), shared by every channel (depthwise, zero padding, no bias). Every image
 of the class is convolved with it and divided by its own maximum. The change is not norm-bounded
 (norm ``none``): the engine reports its size but checks no budget.
+Certificate: ``benchmark.certify.shortcut_check`` on the released bytes (the perturbation alone must
+be a learnable shortcut: held-out accuracy of a small CNN trained on it at least 90 %).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import torch.nn.functional as F
 
 from benchmark.data import ImageSet
 from benchmark.errors import UEBenchError
-from benchmark.plugins import Context, Defense, quantize
+from benchmark.certify import shortcut_check
+from benchmark.plugins import Context, Defense, Protected, certificate, quantize
 from benchmark.registry import DEFENSES
 from defenses._common import batches
 
@@ -68,11 +71,12 @@ class ConvolutionUnlearnable(Defense):
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise UEBenchError(f"cuda: kernel_size={self.kernel_size!r} must be a positive odd number")
 
-    def _perturb(self, train: ImageSet, ctx: Context) -> ImageSet:
+    def _perturb(self, train: ImageSet, ctx: Context) -> Protected:
         filters = class_filters(train.num_classes, self.kernel_size, self.blur, self.center, ctx.generator())
         out = torch.empty(train.images.shape, dtype=torch.uint8)
         for s in batches(len(train), 1024):
             x = train.images[s].float() / 255
             y = convolve_normalize(x, filters[train.labels[s]])
             out[s] = quantize(train.images[s], torch.round(y * 255) / 255)
-        return train.with_images(out, name=f"{train.name}+cuda")
+        released = train.with_images(out, name=f"{train.name}+cuda")
+        return Protected(released, certificate(shortcut_check(train, released, ctx)))

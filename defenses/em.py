@@ -10,7 +10,9 @@ training data falls below ``stop_error``. Sample-wise: 20 steps of 0.8/255 per r
 image, stop at 1 % error. Class-wise: one delta per class; each batch runs 1 step from its class
 deltas and each class delta becomes the batch mean of its images' deltas; the update and the stop
 error (10 %) use a 20 % subset of the data, as the README's class-wise command (``--use_subset``).
-The surrogate trains without augmentation, batch 512, SGD lr 0.1, gradient clip 5.
+The surrogate trains without augmentation, batch 512, SGD lr 0.1, gradient clip 5. The certificate is
+the final surrogate's error on the released uint8 images (those that measure the stop error), which
+must be at most the stop error: the objective reached on the bytes that are published.
 
 Differences from the reference code: the surrogate's optimizer (momentum) restarts at each round,
 because every round calls the shared training loop; ``max_rounds`` caps the alternation (the
@@ -26,7 +28,7 @@ import torch
 
 from benchmark.data import ImageSet
 from benchmark.errors import UEBenchError
-from benchmark.plugins import Context, Defense
+from benchmark.plugins import Check, Context, Defense, Protected, certificate
 from benchmark.registry import DEFENSES
 from defenses._common import (as_float, batches, broadcast_classwise, check_positive, check_surrogate, class_means,
                               error_rate, pgd, progress, publish, round_linf, surrogate_config, surrogate_model,
@@ -86,7 +88,7 @@ class ErrorMinimizing(Defense):
             raise UEBenchError(f"{where}: grad_clip={self.grad_clip!r} must be >= 0")
         check_surrogate(where, self.surrogate_backbone, self.surrogate)
 
-    def _perturb(self, train: ImageSet, ctx: Context) -> ImageSet:
+    def _perturb(self, train: ImageSet, ctx: Context) -> Protected:
         steps = self.steps or DEFAULT_STEPS[self.mode]
         stop = DEFAULT_STOP[self.mode] if self.stop_error is None else self.stop_error
         gen = ctx.generator()
@@ -142,6 +144,9 @@ class ErrorMinimizing(Defense):
         if error >= stop:
             log.warning("em(%s): surrogate error %.2f%% still above %.2f%% after max_rounds=%d", self.mode,
                         100 * error, 100 * stop, self.max_rounds)
-        ctx.metrics.update(surrogate_train_error_pct=100 * error, rounds=rounds, converged=bool(error < stop))
         final = delta if self.mode == "sample" else broadcast_classwise(class_delta, train.labels)
-        return publish(train, round_linf(final, self.eps), f"em({self.mode})")
+        out = publish(train, round_linf(final, self.eps), f"em({self.mode})")
+        # the certificate: the final surrogate's error on the released bytes of the images that measure the stop
+        released = error_rate(model, out.images[watch], train.labels[watch], None, dev, self.batch_size)
+        log.debug("em(%s): surrogate error %.2f%% on the released images", self.mode, 100 * released)
+        return Protected(out, certificate(Check("surrogate_error", released, stop, "<="), rounds=rounds))

@@ -10,6 +10,8 @@ its own point of cluster k, laid out as a grid of ``patch_size`` x ``patch_size`
 (one value per patch and channel), cropped to the image, and scaled to the L2 budget; APBench's
 budget is sqrt((6/255)^2 x 3072) = 1.30 per 32x32 RGB image. The sampling is re-implemented in
 torch (no scikit-learn); its random streams differ from scikit-learn's.
+Certificate: ``benchmark.certify.shortcut_check`` on the released bytes (the perturbation alone must
+be a learnable shortcut: held-out accuracy of a small CNN trained on it at least 90 %).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import torch
 
 from benchmark.data import ImageSet
 from benchmark.errors import UEBenchError
-from benchmark.plugins import Context, Defense
+from benchmark.certify import shortcut_check
+from benchmark.plugins import Context, Defense, Protected, certificate
 from benchmark.registry import DEFENSES
 from defenses._common import normalize_l2, publish, round_l2
 
@@ -82,7 +85,7 @@ class LinearlySeparablePerturbation(Defense):
         if not self.class_sep > 0:
             raise UEBenchError(f"lsp: class_sep={self.class_sep!r} must be > 0")
 
-    def _perturb(self, train: ImageSet, ctx: Context) -> ImageSet:
+    def _perturb(self, train: ImageSet, ctx: Context) -> Protected:
         gen = ctx.generator()
         c, h, w = train.image_shape
         p = max(math.ceil(h / self.patch_size), math.ceil(w / self.patch_size))
@@ -92,4 +95,5 @@ class LinearlySeparablePerturbation(Defense):
         for k, pts in enumerate(points):
             if len(pts):
                 delta[train.labels == k] = normalize_l2(patch_images(pts, c, h, w, self.patch_size), self.eps)
-        return publish(train, round_l2(delta, self.eps), "lsp")
+        out = publish(train, round_l2(delta, self.eps), "lsp")
+        return Protected(out, certificate(shortcut_check(train, out, ctx)))

@@ -8,19 +8,25 @@ mean / std over the class's images and channels of |colour - pixel|: a colour fa
 uniformly far from, what the class has at that position. The best unused (position, colour) pair
 is set in every image of the class (``sparsity`` pairs per class; the paper uses one). No
 randomness: the result depends on the data only.
+Certificate: ``benchmark.certify.shortcut_check`` on the released bytes (the perturbation alone must
+be a learnable shortcut: held-out accuracy of a small CNN trained on it at least 90 %).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from benchmark.data import ImageSet
 from benchmark.errors import UEBenchError
-from benchmark.plugins import Context, Defense, ThreatModel
+from benchmark.certify import shortcut_check
+from benchmark.plugins import Context, Defense, Protected, ThreatModel, certificate
 from benchmark.registry import DEFENSES
 from defenses._common import progress, publish
+
+log = logging.getLogger(__name__)
 
 
 def corner_colours(channels: int) -> torch.Tensor:
@@ -68,7 +74,7 @@ class OnePixelShortcut(Defense):
     def threat_model(self) -> ThreatModel:
         return ThreatModel("l0", float(self.sparsity), "class")
 
-    def _perturb(self, train: ImageSet, ctx: Context) -> ImageSet:
+    def _perturb(self, train: ImageSet, ctx: Context) -> Protected:
         c, h, w = train.image_shape
         if self.sparsity > h * w:
             raise UEBenchError(f"ops: sparsity={self.sparsity} exceeds the {h * w} pixels of an image")
@@ -91,5 +97,6 @@ class OnePixelShortcut(Defense):
                 row, column = divmod(pos, w)
                 delta[mask, :, row, column] = colours[col].view(1, -1) - x[:, :, row, column]
                 chosen.append((k, row, column, colours[col].tolist()))
-        ctx.metrics["pixels"] = [{"class": k, "row": r, "col": q, "colour": v} for k, r, q, v in chosen]
-        return publish(train, torch.round(delta * 255) / 255, "ops")
+        log.debug("ops pixels (class, row, column, colour): %s", chosen)
+        out = publish(train, torch.round(delta * 255) / 255, "ops")
+        return Protected(out, certificate(shortcut_check(train, out, ctx)))

@@ -4,6 +4,8 @@ Sample-wise noise shows that the budget alone does nothing. Class-wise noise (on
 class) is itself a known weak UE: the pattern is a shortcut, strongest without augmentation.
 Reference: the random-noise baseline of Huang et al., "Unlearnable Examples: Making Personal Data
 Unexploitable", ICLR 2021 (arXiv 2101.04898).
+Class mode's certificate: ``benchmark.certify.shortcut_check`` on the released bytes (the patterns must
+be a learnable shortcut); sample mode has no objective and no certificate.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import torch
 
 from benchmark.data import ImageSet
 from benchmark.errors import UEBenchError
-from benchmark.plugins import Context, Defense, quantize
+from benchmark.certify import shortcut_check
+from benchmark.plugins import Context, Defense, Protected, certificate, quantize
 from benchmark.registry import DEFENSES
 
 
@@ -37,7 +40,7 @@ class RandomNoise(Defense):
         if not 0 < self.eps <= 1:
             raise UEBenchError(f"random_noise: eps={self.eps!r} must be in (0, 1]")
 
-    def _perturb(self, train: ImageSet, ctx: Context) -> ImageSet:
+    def _perturb(self, train: ImageSet, ctx: Context) -> Protected:
         gen = ctx.generator()
         shape = train.images.shape[1:]
         if self.mode == "sample":
@@ -46,4 +49,7 @@ class RandomNoise(Defense):
             noise = torch.rand((train.num_classes, *shape), generator=gen)[train.labels]
         noise = (noise * 2 - 1) * self.eps
         images = quantize(train.images, train.images.float() / 255 + noise)
-        return train.with_images(images, name=f"{train.name}+random_noise({self.mode})")
+        out = train.with_images(images, name=f"{train.name}+random_noise({self.mode})")
+        if self.mode == "sample":
+            return Protected(out, None)  # fresh noise per image: no shortcut, nothing to certify
+        return Protected(out, certificate(shortcut_check(train, out, ctx)))

@@ -12,6 +12,8 @@ through an inner adversarial example (10 steps of 0.8/255, radius rho_a = 4/255)
 T(x + delta) (adversarial training). After training, the noise of every image is regenerated with
 the final surrogate. Differences: a cosine learning-rate schedule (the reference decays by 10 every
 2000 steps); more steps than an epoch are rounded up to whole epochs.
+Certificate: the final surrogate's robust error (its own rho_a adversary) on the released images
+(<= 0.1; the reference has no stop rule, so this is EM's class-wise stop error).
 """
 
 from __future__ import annotations
@@ -24,13 +26,17 @@ from torch import nn
 
 from benchmark.data import ImageSet
 from benchmark.errors import UEBenchError
-from benchmark.plugins import Context, Defense
+from benchmark.plugins import Check, Context, Defense, Protected, certificate
 from benchmark.registry import DEFENSES
 from defenses._common import (Augment, as_float, batches, ce_loss, check_positive, check_surrogate,
-                              pgd, progress, publish, round_linf, steps_plan,
+                              error_rate, pgd, progress, publish, round_linf, steps_plan,
                               surrogate_config, surrogate_model, train_surrogate)
 
 log = logging.getLogger(__name__)
+
+# the certificate: the surrogate's robust error (PGD at rho_a) on the released images stays at most this;
+# the reference has no stop rule, so the project uses EM's class-wise stop error
+ROBUST_ERROR_GATE = 0.1
 
 
 @DEFENSES.register("rem")
@@ -98,7 +104,7 @@ class RobustErrorMinimizing(Defense):
                        loss_fn=robust_loss, transform=Augment(), eot=self.eot, gen=gen)
         return delta
 
-    def _perturb(self, train: ImageSet, ctx: Context) -> ImageSet:
+    def _perturb(self, train: ImageSet, ctx: Context) -> Protected:
         gen = ctx.generator()
         dev = ctx.device
         model = surrogate_model(self.surrogate_backbone, self.surrogate, train, ctx)
@@ -123,6 +129,22 @@ class RobustErrorMinimizing(Defense):
         for s in progress(list(batches(len(train), self.batch_size)), ctx, "rem noise"):
             xb, yb = as_float(train.images[s], dev), train.labels[s].to(dev)
             delta[s] = self.defensive_noise(model, xb, yb, gen).cpu()
-        ctx.metrics.update(surrogate_train_error_pct=100.0 - result.train_accuracy, surrogate_steps=result.steps)
-        return publish(train, round_linf(delta, self.eps), "rem")
+        out = publish(train, round_linf(delta, self.eps), "rem")
+        robust = self.robust_error(model, out, dev, gen)
+        cert = certificate(Check("robust_error", robust, ROBUST_ERROR_GATE, "<="),
+                           clean_error=error_rate(model, out.images, out.labels, None, dev, self.batch_size),
+                           surrogate_steps=result.steps)
+        log.info("rem: %s", cert.describe())
+        return Protected(out, cert)
+
+    def robust_error(self, model: nn.Module, out: ImageSet, device: torch.device, gen: torch.Generator) -> float:
+        """The surrogate's error on adversarial examples (its own rho_a adversary) of the released images."""
+        model.eval()
+        wrong = 0
+        for s in batches(len(out), self.batch_size):
+            xb, yb = as_float(out.images[s], device), out.labels[s].to(device)
+            adv = self.adversarial(model, xb, yb, gen)
+            with torch.no_grad():
+                wrong += int((model(adv.contiguous(memory_format=torch.channels_last)).argmax(1) != yb).sum())
+        return wrong / max(1, len(out))
 

@@ -19,8 +19,9 @@ shallow filter. Everything below the abstract's level is our reading (METHODS.md
 4. ``mode=class`` (one delta per class, gradients summed over the class's images; ``class_subset``
    of the images update the deltas, as EM's class-wise ``--use_subset``) or ``mode=sample``.
 
-The released bytes are rounded to whole uint8 steps within the budget; the run reports the surrogate's
-final train error and the fraction of the feature change's energy inside the subspace.
+The released bytes are rounded to whole uint8 steps within the budget; the certificate is the surrogate's
+final train error on them (at most ``stop_error``), with the fraction of the feature change's energy
+inside the subspace and the rounds run beside it.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from torch import nn
 from benchmark.data import ImageSet
 from benchmark.errors import UEBenchError
 from benchmark.models import Classifier, get_spec
-from benchmark.plugins import Context, Defense
+from benchmark.plugins import Check, Context, Defense, Protected, certificate
 from benchmark.registry import DEFENSES
 from defenses._common import as_float, error_rate, progress, publish, round_linf, surrogate_model
 
@@ -216,20 +217,19 @@ class ShallowSemanticCamouflage(Defense):
         mask, codes = channel_codes(energy, self.keep_fraction, train.num_classes)
         return model, Subspace(mask, codes, scale)
 
-    def _perturb(self, train: ImageSet, ctx: Context) -> ImageSet:
+    def _perturb(self, train: ImageSet, ctx: Context) -> Protected:
         start = time.perf_counter()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(ctx.seed)
             model, space = self.surrogate(train, ctx)
-            delta, rounds, error = self._optimize(model, space, train, ctx)
+            delta, rounds, pool = self._optimize(model, space, train, ctx)
         out = publish(train, round_linf(delta, self.eps), f"ssc({self.mode})")
+        error = error_rate(model, out.images[pool], train.labels[pool], None, ctx.device, self.batch_size)
         ratio = subspace_energy_ratio(model, self.k, train.images, out.images, space.mask, ctx.device, self.batch_size)
-        seconds = time.perf_counter() - start
-        ctx.metrics.update({"surrogate_train_error": error, "rounds": rounds, "subspace_energy_ratio": ratio,
-                            "generation_seconds": seconds})
-        log.info("ssc(%s): %d rounds, surrogate error %.3f, subspace energy ratio %.2f, %.0fs",
-                 self.mode, rounds, error, ratio, seconds)
-        return out
+        log.info("ssc(%s): %d rounds, surrogate error %.3f on the released images, subspace energy ratio %.2f, %.0fs",
+                 self.mode, rounds, error, ratio, time.perf_counter() - start)
+        return Protected(out, certificate(Check("surrogate_error", error, self.stop_error, "<="),
+                                          subspace_energy_ratio=ratio, rounds=rounds))
 
     def _loss(self, model: Classifier, space: Subspace, x: torch.Tensor, y: torch.Tensor,
               h_clean: torch.Tensor) -> torch.Tensor:
@@ -240,8 +240,9 @@ class ShallowSemanticCamouflage(Defense):
         return loss + self.shortcut_weight * shortcut(dh, y, space, self.suppress).mean()
 
     def _optimize(self, model: Classifier, space: Subspace, train: ImageSet,
-                  ctx: Context) -> tuple[torch.Tensor, int, float]:
-        """EM-style alternation; returns (delta per image on the CPU, rounds run, final train error)."""
+                  ctx: Context) -> tuple[torch.Tensor, int, torch.Tensor]:
+        """EM-style alternation; returns (delta per image on the CPU, rounds run, the indices (CPU) of the
+        images that measured the stop error)."""
         dev, gen, n, bs = ctx.device, ctx.generator(), len(train), self.batch_size
         images, labels = train.images.to(dev), train.labels.to(dev)
         rows = train.num_classes if self.mode == "class" else n
@@ -272,7 +273,7 @@ class ShallowSemanticCamouflage(Defense):
             error = error_rate(model, train.images[sub], train.labels[sub], delta[row_of[pool]].cpu(), dev, bs)
             if error < self.stop_error:
                 break
-        return delta[row_of].cpu(), rounds, error
+        return delta[row_of].cpu(), rounds, pool.cpu()
 
     def _pgd(self, model: Classifier, space: Subspace, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor,
              delta: torch.Tensor) -> torch.Tensor:

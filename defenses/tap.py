@@ -9,6 +9,7 @@ towards class ``(y + 1) mod K`` (the reference's fixed label permutation): signe
 minimizing CE(f(aug(x + delta)), target) with step tau * eps (tau = 0.05), 250 passes over the data,
 random-normal init, differentiable crop + flip during crafting. Of ``restarts`` independent runs the
 one with the lowest final target loss is kept (as the reference does, for the whole set).
+Certificate: the surrogate's targeted success rate on the released images (>= 0.9).
 Differences: the surrogate uses a cosine schedule (the reference decays in steps); the crafting
 augmentation is crop (pad 4) + flip, the reference's differentiable shift + flip.
 """
@@ -22,12 +23,26 @@ import torch
 
 from benchmark.data import ImageSet
 from benchmark.errors import UEBenchError
-from benchmark.plugins import Context, Defense
+from benchmark.plugins import Check, Context, Defense, Protected, certificate
+from benchmark.training import predict
 from benchmark.registry import DEFENSES
 from defenses._common import (Augment, as_float, batches, check_positive, check_surrogate, error_rate, pgd, progress,
                               publish, round_linf, surrogate_config, surrogate_model, train_surrogate)
 
 log = logging.getLogger(__name__)
+
+
+# the certificate: the surrogate classifies at least this fraction of the released images as their target
+# (the paper's poisons fool the crafting model almost always)
+SUCCESS_GATE = 0.9
+
+
+@torch.no_grad()
+def target_success(model: torch.nn.Module, out: ImageSet, targets: torch.Tensor, device: torch.device,
+                   batch_size: int) -> float:
+    """Fraction of the released images the surrogate (eval mode) classifies as their target class."""
+    logits = predict(model, out.images, device, batch_size)
+    return float((logits.argmax(1) == targets).float().mean()) if len(out) else 0.0
 
 
 def target_labels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -76,7 +91,7 @@ class TargetedAdversarialPoisoning(Defense):
         check_positive(where, step_size=self.step_size, lr=self.lr)
         check_surrogate(where, self.surrogate_backbone, self.surrogate)
 
-    def _perturb(self, train: ImageSet, ctx: Context) -> ImageSet:
+    def _perturb(self, train: ImageSet, ctx: Context) -> Protected:
         gen = ctx.generator()
         dev = ctx.device
         model = surrogate_model(self.surrogate_backbone, self.surrogate, train, ctx)
@@ -104,5 +119,9 @@ class TargetedAdversarialPoisoning(Defense):
             log.debug("tap trial %d: target loss %.4f", trial, loss_sum)
             if loss_sum < best_loss:
                 best, best_loss = delta, loss_sum
-        ctx.metrics.update(surrogate_train_error_pct=100 * error, target_loss=best_loss)
-        return publish(train, round_linf(best, self.eps), "tap")
+        out = publish(train, round_linf(best, self.eps), "tap")
+        success = target_success(model, out, targets, dev, self.batch_size)
+        cert = certificate(Check("target_success", success, SUCCESS_GATE, ">="), surrogate_clean_error=error,
+                           target_loss=best_loss)
+        log.info("tap: %s", cert.describe())
+        return Protected(out, cert)

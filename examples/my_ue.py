@@ -8,6 +8,9 @@ pattern of ``patch`` x ``patch`` pixel squares, each square +eps or -eps per cha
 image of that class. The pattern is a shortcut a victim trained from scratch learns before the real
 task; a frozen pretrained feature extractor may ignore it. It is an example of the plugin format, not
 a published method: it cites LSP because it follows LSP's idea, with an L-inf instead of an L2 budget.
+
+Its objective is a class-wise shortcut, so its certificate is ``shortcut_check``: a small CNN trained on
+the released perturbations alone must predict the labels of held-out images (at least 90 %).
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from benchmark.certify import shortcut_check
 from benchmark.data import ImageSet
 from benchmark.errors import UEBenchError
-from benchmark.plugins import Context, Defense, quantize
+from benchmark.plugins import Context, Defense, Protected, certificate, quantize
 from benchmark.registry import DEFENSES
 
 
@@ -52,8 +56,10 @@ class MyUE(Defense):
         if self.patch < 1:
             raise UEBenchError(f"my_ue: patch={self.patch!r} must be >= 1 pixel")
 
-    def _perturb(self, train: ImageSet, ctx: Context) -> ImageSet:
+    def _perturb(self, train: ImageSet, ctx: Context) -> Protected:
         c, h, w = train.image_shape
         patterns = class_patterns(train.num_classes, c, (h, w), self.patch, self.eps, ctx.generator())
         images = quantize(train.images, train.images.float() / 255 + patterns[train.labels])
-        return train.with_images(images, name=f"{train.name}+my_ue")
+        out = train.with_images(images, name=f"{train.name}+my_ue")
+        # measured on the released uint8 images: is the perturbation alone a learnable shortcut?
+        return Protected(out, certificate(shortcut_check(train, out, ctx)))

@@ -9,7 +9,10 @@ Rules (DESIGN.md, "Results"):
   against it (lower is better); the mean over the grid stands beside it;
 - every defense of a group (preset + data set) is expected to have every (attack, backbone, seed)
   of the group's grid; a defense with a missing or failed cell is flagged and not ranked;
-- ``clean`` is the reference row: shown, never ranked.
+- ``clean`` is the reference row: shown, never ranked;
+- a defense's certificate (the numbers showing it reached its own objective, one per protected set,
+  i.e. per seed) is shown beside its score: ``certified`` is True when every seed's certificate
+  passed, False when any failed, None when the defense reports none. It does not change the rank.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from benchmark.plugins import Certificate
 from benchmark.shapes import SHAPE_CLASSES
 from benchmark.store import Store
 
@@ -258,6 +262,7 @@ def score(cells: pd.DataFrame, *, grid: pd.DataFrame | None = None,
             "min_protection": float(a["protection"].min()) if a["protection"].notna().any() else float("nan"),
             "mean_protection": float(a["protection"].mean()) if a["protection"].notna().any() else float("nan"),
             "chance": 100.0 / float(own["num_classes"].iloc[0]),
+            **certificate_summary(seed_certificates(own)),
             **{k: meta.get(k) for k in METADATA_FIELDS},
             "paper_url": paper_url(str(meta.get("paper") or "")),
         })
@@ -270,7 +275,27 @@ def score(cells: pd.DataFrame, *, grid: pd.DataFrame | None = None,
 SCORE_COLUMNS = ["group", "preset", "dataset", "defense", "defense_name", "reference", "complete", "cells_expected",
                  "cells_ok", "cells_failed", "cells_missing", "worst_accuracy", "worst_std", "worst_attack",
                  "worst_backbone", "mean_accuracy", "min_protection", "mean_protection", "chance",
-                 *METADATA_FIELDS, "paper_url"]
+                 "certified", "certificate_checks", *METADATA_FIELDS, "paper_url"]
+
+
+def seed_certificates(cells: pd.DataFrame) -> list[dict[str, Any]]:
+    """The certificate of each seed's protected set, from the cells' ``perturbation`` (the protected set's
+    meta): ``[{"seed", "passed", "checks", "info"}, ...]`` by seed; seeds without one are left out."""
+    out: dict[int, dict[str, Any]] = {}
+    for seed, pert in zip(cells["seed"], cells["perturbation"]):
+        cert = pert.get("certificate") if isinstance(pert, Mapping) else None
+        if cert and int(seed) not in out:
+            out[int(seed)] = {"seed": int(seed), **Certificate.from_dict(cert).to_dict()}
+    return [out[s] for s in sorted(out)]
+
+
+def certificate_summary(certs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """``certified`` (True: every seed's certificate passed; False: one failed; None: there is none) and
+    ``certificate_checks``, the checks per seed in one line."""
+    if not certs:
+        return {"certified": None, "certificate_checks": ""}
+    parts = [f"seed {c['seed']}: {Certificate.from_dict(c).compact()}" for c in certs]
+    return {"certified": all(bool(c["passed"]) for c in certs), "certificate_checks": " | ".join(parts)}
 
 
 def _ranks(scores: pd.DataFrame) -> pd.Series:

@@ -7,7 +7,8 @@ are left unchanged by a refusal):
 2. metadata: title, paper (arXiv id or http(s) URL), venue and year, a declared norm (with a positive
    budget unless ``none``) and granularity (``class`` or ``sample``);
 3. a trial ``perturb`` on a few images of the preset's training set, through ``Defense.perturb`` (the
-   engine's shape, label and budget checks), then the full protected set of every seed (cached);
+   engine's shape, label and budget checks), then the full protected set of every seed (cached), whose
+   certificates are reported (a defense that returns none is warned about, not refused);
 4. run its cells of the preset (``clean`` references already in the store are reused), write its
    entry, rebuild the leaderboard from the entries, report its row and rank.
 """
@@ -18,13 +19,14 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from benchmark.config import configure
 from benchmark.data import balanced_subset
 from benchmark.errors import UEBenchError
-from benchmark.plugins import GRANULARITIES, NORMS, Defense
+from benchmark.plugins import GRANULARITIES, NORMS, Certificate, Defense
 from benchmark.presets import Preset
 from benchmark.registry import ATTACKS, DEFENSES, load_plugin_file
 from benchmark.runner import Runner, plan
@@ -47,14 +49,30 @@ class Submission:
     rank: float
     ranked: int
     flag: str
+    certificates: tuple[str, ...] = ()  # one line per protected set (seed): its certificate, or a warning
 
     def report(self) -> str:
         board = self.published.board
         row = ranking_frame(board)
         row = row[row["defense"] == self.label]
         where = "not ranked: " + self.flag if self.flag else f"rank {int(self.rank)} of {self.ranked} ranked defenses"
-        return "\n".join([markdown(row), "", f"{self.label}: {where}", f"entry: {self.entry}",
+        return "\n".join([markdown(row), "", *self.certificates, f"{self.label}: {where}", f"entry: {self.entry}",
                           f"leaderboard: {self.published.site}"])
+
+
+def certificate_lines(name: str, label: str, metas: dict[int, dict[str, Any]]) -> tuple[str, ...]:
+    """What each seed's protected set certifies; a warning (logged, and in the report) when there is none."""
+    lines = []
+    for seed, meta in sorted(metas.items()):
+        cert = meta.get("certificate")
+        if cert is None:
+            warning = (f"defense {name!r} returned no certificate: the leaderboard cannot show whether it reached "
+                       f"its objective (return Protected(images, certificate(...)) from _perturb; see docs/submit.md)")
+            log.warning("%s", warning)
+            lines.append(f"WARNING: {label} (seed {seed}): {warning}")
+        else:
+            lines.append(f"{label} (seed {seed}): certificate {Certificate.from_dict(cert).describe()}")
+    return tuple(lines)
 
 
 def _fail(path: str | Path, why: str) -> UEBenchError:
@@ -118,25 +136,30 @@ def check_metadata(cls: type[Defense], path: str | Path = "") -> Defense:
     return plugin
 
 
-def trial(runner: Runner, cells: list, label: str, path: str | Path) -> None:
-    """``perturb`` on a few images, then the full protected set of each seed (the engine checks both)."""
+def trial(runner: Runner, cells: list, label: str, path: str | Path) -> dict[int, dict[str, Any]]:
+    """``perturb`` on a few images, then the full protected set of each seed (the engine checks both);
+    returns the protected sets' meta (size, visibility, certificate) by seed."""
     mine = [c for c in cells if c.defense.label == label]
     first = mine[0]
     splits = runner.splits(first.dataset)
     few, _ = balanced_subset(splits.train, min(len(splits.train), TRIAL_PER_CLASS * splits.train.num_classes),
                              first.seed)
     ctx = runner.context(first, splits)
-    steps = [("a trial on a few images", lambda: first.defense.plugin.perturb(few, ctx))]
+    steps = [("a trial on a few images", None, lambda: first.defense.plugin.perturb(few, ctx))]
     for seed in sorted({c.seed for c in mine}):
         cell = next(c for c in mine if c.seed == seed)
-        steps.append((f"the full training set (seed {seed})", lambda cell=cell: runner.protected(cell)))
-    for what, step in steps:
+        steps.append((f"the full training set (seed {seed})", seed, lambda cell=cell: runner.protected(cell)))
+    metas: dict[int, dict[str, Any]] = {}
+    for what, seed, step in steps:
         try:
-            step()
+            out = step()
+            if seed is not None:
+                metas[seed] = out[1]
         except UEBenchError as exc:
             raise _fail(path, f"perturb on {what} failed the engine's checks: {exc}") from exc
         except Exception as exc:
             raise _fail(path, f"perturb on {what} raised {type(exc).__name__}: {exc}") from exc
+    return metas
 
 
 def submit(path: str | Path, preset: Preset, *, out_dir: str | Path, entries_dir: str | Path,
@@ -154,7 +177,7 @@ def submit(path: str | Path, preset: Preset, *, out_dir: str | Path, entries_dir
             raise _fail(path, f"the name {cls.name!r} is taken by the entry {existing} "
                               f"({read_entry(existing).get('title')!r}); register your defense under another name")
         runner = Runner(out_dir, device=device, cache_dir=cache_dir, progress=progress)
-        trial(runner, cells, label, path)
+        certificates = certificate_lines(cls.name, label, trial(runner, cells, label, path))
         summary = runner.run(cells)
         if summary.failed:
             lines = [f"{r.defense} / {r.attack} / {r.backbone} / seed {r.seed}: {r.error}" for r in summary.failed]
@@ -171,4 +194,4 @@ def submit(path: str | Path, preset: Preset, *, out_dir: str | Path, entries_dir
     published = publish(full, Path(out_dir) / "leaderboard")
     s = full.scores[full.scores["defense"] == label].iloc[0]
     ranked = int(full.scores["rank"].notna().sum())
-    return Submission(cls.name, label, entry, published, float(s["rank"]), ranked, str(s["flag"]))
+    return Submission(cls.name, label, entry, published, float(s["rank"]), ranked, str(s["flag"]), certificates)

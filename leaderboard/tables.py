@@ -1,7 +1,8 @@
 """Leaderboard tables: markdown, LaTeX and CSV (pandas + tabulate), generated from a ``Leaderboard``.
 
 Per group (preset + data set): the ranking (worst-case accuracy, lower is better) and, per backbone,
-the defense x attack matrix of seed-averaged clean test accuracy.
+the defense x attack matrix of seed-averaged clean test accuracy. The ranking shows each defense's
+certificate (``pass``, ``FAILED`` or ``-`` for none; see ``leaderboard.scores``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,17 @@ def num_text(v: float, fmt: str = ".2f") -> str:
     return "-" if _isnan(v) else format(v, fmt)
 
 
+def certificate_text(certified: object) -> str:
+    """``pass`` (every seed's certificate passed), ``FAILED`` (one failed) or ``-`` (the defense has none)."""
+    if certified is None or (isinstance(certified, float) and math.isnan(certified)):
+        return "-"
+    return "pass" if bool(certified) else "FAILED"
+
+
+def certificate_failed(certified: object) -> bool:
+    return certificate_text(certified) == "FAILED"
+
+
 def threat_text(norm: str, budget: float, granularity: str) -> str:
     """``linf 8/255 class``; ``none`` for the reference."""
     parts = [norm] if norm != "none" else []
@@ -49,6 +61,8 @@ def ranking_frame(board: Leaderboard, pm: str = " ± ") -> pd.DataFrame:
     several = len(board.groups()) > 1
     for s in board.ranked().itertuples(index=False):
         notes = [s.flag] if s.flag else []
+        if certificate_failed(s.certified):
+            notes.append("certificate failed")
         if s.interpretation:
             notes.append("interpretation")
         row = {
@@ -61,6 +75,7 @@ def ranking_frame(board: Leaderboard, pm: str = " ± ") -> pd.DataFrame:
             "worst case": f"{s.worst_attack} / {s.worst_backbone}" if s.worst_attack else "-",
             "mean acc. (%)": acc_text(s.mean_accuracy),
             "min protection": num_text(s.min_protection),
+            "certificate": certificate_text(s.certified),
             "cells": f"{s.cells_ok}/{s.cells_expected}",
             "note": "; ".join(notes),
         }
@@ -124,7 +139,9 @@ def group_markdown(board: Leaderboard) -> str:
         if info.get(key):
             lines += [f"{key.replace('_', ' ').capitalize()}: {info[key]}", ""]
     lines += ["Worst case = the highest clean test accuracy (%) that any attack x backbone reaches against the "
-              f"defense (lower is better); chance = {s.chance:.1f} %. Incomplete grids are not ranked.", "",
+              f"defense (lower is better); chance = {s.chance:.1f} %. Incomplete grids are not ranked. Certificate = "
+              "whether the defense reached its own objective on the released images (pass, FAILED, or - when it "
+              "reports none); it does not change the rank.", "",
               markdown(ranking_frame(board)), ""]
     for bb in backbones(board):
         lines += [f"### {bb}: clean test accuracy (%)", "", markdown(matrix_frame(board, bb)), ""]
@@ -132,7 +149,8 @@ def group_markdown(board: Leaderboard) -> str:
 
 
 def scores_csv(board: Leaderboard) -> pd.DataFrame:
-    return board.ranked()
+    ranked = board.ranked()
+    return ranked.assign(certificate=[certificate_text(c) for c in ranked["certified"]])
 
 
 def cells_csv(board: Leaderboard) -> pd.DataFrame:

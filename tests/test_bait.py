@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from benchmark.errors import UEBenchError
 from benchmark.models import create_model
 from benchmark.plugins import perturbation_stats
-from defenses.bait import Bait, Generator, curriculum_stage, lookahead_step, select_targets
+from defenses.bait import (STAGES, Bait, Generator, class_structure, curriculum_stage, lookahead_step,
+                           select_targets)
 
 LOGITS = torch.tensor([[5.0, 4.0, 1.0, 0.0],
                        [0.0, 9.0, 3.0, -1.0],
@@ -21,6 +22,7 @@ LABELS = torch.tensor([0, 1, 2, 0])
 
 
 def tiny_bait(**overrides) -> Bait:
+    """A BAIT small enough for a test (the published generator, epochs and batch are far larger)."""
     fields = dict(epochs=3, generator="small", surrogate_backbone="resnet_tiny", batch_size=16, augment="none")
     return Bait(**{**fields, **overrides})
 
@@ -86,9 +88,9 @@ def test_bad_field_is_rejected():
 def test_release_is_classwise_in_budget_and_deterministic(tiny_train, ctx):
     bait = tiny_bait()
     out = bait.perturb(tiny_train, ctx)
-    stats = perturbation_stats(tiny_train.images, out.images)
+    stats = perturbation_stats(tiny_train.images, out.data.images)
     assert 0 < stats.linf <= 8, f"L-inf {stats.linf}/255 outside (0, 8]"
-    diff = out.images.to(torch.int16) - tiny_train.images.to(torch.int16)
+    diff = out.data.images.to(torch.int16) - tiny_train.images.to(torch.int16)
     free = (tiny_train.images >= 8) & (tiny_train.images <= 247)  # pixels the [0, 255] clip cannot touch
     for c in range(tiny_train.num_classes):
         sel = tiny_train.labels == c
@@ -96,6 +98,37 @@ def test_release_is_classwise_in_budget_and_deterministic(tiny_train, ctx):
         spread = d.masked_fill(~m, -999).amax(0) - d.masked_fill(~m, 999).amin(0)
         both = m.sum(0) >= 2
         assert int(spread[both].max()) == 0, f"class {c}: perturbations differ between its images"
-    assert 0 <= ctx.metrics["surrogate_train_error"] <= 1, "the surrogate error must be reported"
+    cert = out.certificate
+    assert cert is not None, "bait must return a certificate"
+    names = {c.name for c in cert.checks}
+    assert names == {"bind_rate", "surrogate_error", "class_specific", "mean_class_cosine"}, f"checks: {names}"
     again = bait.perturb(tiny_train, ctx)
-    assert torch.equal(out.images, again.images), "the same seed must give the same bytes"
+    assert torch.equal(out.data.images, again.data.images), "the same seed must give the same bytes"
+
+
+def test_class_structure_of_shared_and_distinct_noise():
+    shared = torch.ones(4, 3, 8, 8).mul(0.01)
+    specific, cos = class_structure(shared)
+    assert specific < 1e-6 and cos > 0.999, f"one shared pattern: class-specific {specific}, cosine {cos}"
+    distinct = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    specific, cos = class_structure(distinct)
+    assert specific > 0.8 and abs(cos) < 0.2, f"independent patterns: class-specific {specific}, cosine {cos}"
+
+
+def test_direct_parametrization_binds_on_a_tiny_set(tiny_train, ctx):
+    """The direct variant reaches the bind gate on 40 images against a random surrogate, and every
+    curriculum stage's hit rate is recorded; the generator path at the same budget does not bind."""
+    direct = tiny_bait(parametrization="direct", epochs=6, batch_size=40, direct_step=2 / 255,
+                       pretrained_surrogate=False).perturb(tiny_train, ctx).certificate
+    bind = {c.name: c for c in direct.checks}["bind_rate"]
+    assert bind.passed, f"direct BAIT should bind on a tiny set: {direct.describe()}"
+    info = dict(direct.info)
+    assert {f"hit_rate_{s}" for s in STAGES} <= set(info), f"per-stage hit rates missing: {sorted(info)}"
+    assert all(0 <= info[f"hit_rate_{s}"] <= 1 for s in STAGES), f"hit rates outside [0, 1]: {info}"
+    generator = tiny_bait(epochs=1, batch_size=40, pretrained_surrogate=False).perturb(tiny_train, ctx).certificate
+    assert not generator.passed, f"one epoch of the small generator cannot bind, yet: {generator.describe()}"
+
+
+def test_parametrization_is_validated():
+    with pytest.raises(UEBenchError, match="parametrization"):
+        Bait(parametrization="lookup")

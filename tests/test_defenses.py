@@ -1,4 +1,4 @@
-"""Every registered defense honours the contract: shape, labels, budget, determinism, granularity.
+"""Every registered defense honours the contract: shape, labels, budget, certificate, determinism, granularity.
 
 Parametrized over ``DEFENSES.names()`` (plus the class-wise variants), so a new generator is tested
 by these tests. Costly hyperparameters are shrunk by ``tiny_spec``; the data are 40 shapes images.
@@ -15,7 +15,7 @@ import torch
 from benchmark.config import configure
 from benchmark.data import ImageSet
 from benchmark.errors import UEBenchError
-from benchmark.plugins import Context, Defense, perturbation_stats
+from benchmark.plugins import Certificate, Context, Defense, Protected, perturbation_stats
 from benchmark.presets import preset_from_dict
 from benchmark.registry import DEFENSES
 from benchmark.runner import Runner, plan
@@ -32,6 +32,7 @@ TINY_FIELDS = {"surrogate_backbone": "resnet_tiny", "steps": 1, "epochs": 1, "tr
 TINY_EXTRA = {"em": {"class_subset": 1.0}}
 DETERMINISTIC = {"clean", "ops"}   # no randomness: the same bytes for every seed
 PER_IMAGE_DRAWS = {"lsp", "ar"}    # class-wise processes that draw a fresh pattern for every image
+NO_CERTIFICATE = {"clean", "random_noise"}  # no objective to reach (random_noise: sample mode; class mode has one)
 SPECS = sorted(set(DEFENSES.names()) | {"em:mode=class", "random_noise:mode=class"})
 
 
@@ -45,15 +46,20 @@ def tiny_spec(spec: str) -> str:
     return f"{name}:{','.join(items)}" if items else name
 
 
-_CACHE: dict[tuple, ImageSet] = {}
+_CACHE: dict[tuple, Protected] = {}
 
 
-def run(spec: str, data: ImageSet, seed: int, ctx: Context) -> ImageSet:
+def protect(spec: str, data: ImageSet, seed: int, ctx: Context) -> Protected:
     """Protect ``data`` (memoized per spec, data set and seed: the tests share the outputs)."""
     key = (spec, data.name, seed)
     if key not in _CACHE:
-        _CACHE[key] = configure(DEFENSES, tiny_spec(spec)).plugin.perturb(data, replace(ctx, seed=seed, metrics={}))
+        _CACHE[key] = configure(DEFENSES, tiny_spec(spec)).plugin.perturb(data, replace(ctx, seed=seed))
     return _CACHE[key]
+
+
+def run(spec: str, data: ImageSet, seed: int, ctx: Context) -> ImageSet:
+    """The protected images of ``protect``."""
+    return protect(spec, data, seed, ctx).data
 
 
 @pytest.fixture(scope="module")
@@ -80,11 +86,25 @@ def test_output_contract_and_budget(spec, tiny_train, ctx):
 
 
 @pytest.mark.parametrize("spec", SPECS)
+def test_certificate(spec, tiny_train, ctx):
+    """Every defense with an objective certifies it (measured on its released bytes); the others return None."""
+    cert = protect(spec, tiny_train, 0, ctx).certificate
+    if spec in NO_CERTIFICATE:
+        assert cert is None, f"{spec} has no objective to certify, but returned {cert}"
+        return
+    assert isinstance(cert, Certificate) and cert.checks, f"{spec}: expected a certificate with checks, got {cert!r}"
+    for check in cert.checks:
+        assert check.op in ("<=", ">=") and isinstance(check.value, float), f"{spec}: malformed check {check}"
+    assert cert.describe().startswith(("passed", "FAILED")), f"{spec}: describe() is {cert.describe()!r}"
+
+
+@pytest.mark.parametrize("spec", SPECS)
 def test_seeded(spec, tiny_train, ctx):
-    a = run(spec, tiny_train, 0, ctx)
-    again = configure(DEFENSES, tiny_spec(spec)).plugin.perturb(tiny_train, replace(ctx, seed=0, metrics={}))
-    assert torch.equal(a.images, again.images), f"{spec}: the same seed gave different bytes"
-    b = run(spec, tiny_train, 1, ctx)
+    a = protect(spec, tiny_train, 0, ctx)
+    again = configure(DEFENSES, tiny_spec(spec)).plugin.perturb(tiny_train, replace(ctx, seed=0))
+    assert torch.equal(a.data.images, again.data.images), f"{spec}: the same seed gave different bytes"
+    assert a.certificate == again.certificate, f"{spec}: the same seed gave different certificates"
+    a, b = a.data, run(spec, tiny_train, 1, ctx)
     if DEFENSES.get(spec.split(":")[0]).name in DETERMINISTIC:
         assert torch.equal(a.images, b.images), f"{spec}: a deterministic method changed with the seed"
     else:
@@ -124,16 +144,19 @@ def test_cached_protected_set_is_reused(spec, tmp_path, monkeypatch):
                                "attacks": ["scratch"], "backbones": ["resnet_tiny"],
                                "dataset": {"train_size": 40, "test_size": 20, "source_size": 40},
                                "zoo": {"supervised": {"epochs": 1, "batch_size": 16}}})
-    cell = plan(preset)[0]
+    name = DEFENSES.get(spec.split(":")[0]).name
+    cell = next(c for c in plan(preset) if c.defense.name == name)  # not the clean cell the plan adds first
     first, meta, _ = Runner(tmp_path, device=torch.device("cpu"), progress=False).protected(cell)
-    assert {"linf", "l2_mean", "psnr", "ssim", "seconds"} <= set(meta), f"{spec}: quality missing from {meta}"
+    assert {"linf", "l2_mean", "psnr", "ssim", "seconds", "certificate"} <= set(meta), f"{spec}: missing from {meta}"
+    assert (meta["certificate"] is None) == (spec in NO_CERTIFICATE), f"{spec}: certificate {meta['certificate']}"
 
     def refuse(self, *args, **kwargs):
         raise AssertionError(f"{spec}: the cached protected set was generated again")
 
     monkeypatch.setattr(type(cell.defense.plugin), "perturb", refuse)
-    again, _, seconds = Runner(tmp_path, device=torch.device("cpu"), progress=False).protected(cell)
+    again, meta_again, seconds = Runner(tmp_path, device=torch.device("cpu"), progress=False).protected(cell)
     assert torch.equal(first.images, again.images) and seconds == 0.0, f"{spec}: reloaded set differs"
+    assert meta_again["certificate"] == meta["certificate"], f"{spec}: the cached certificate changed"
 
 
 # ---------------------------------------------------------------- the engine rejects over-budget output

@@ -14,14 +14,15 @@ import pandas as pd
 import pytest
 
 from benchmark.config import configure
+from benchmark.plugins import Check, certificate
 from benchmark.registry import DEFENSES
 from benchmark.store import CellRecord, Store
 from leaderboard.cli import board_from_store
-from leaderboard.entries import load_entries, make_entries, read_entry, store_metadata, write_entries
+from leaderboard.entries import ENTRIES_DIR, load_entries, make_entries, read_entry, store_metadata, write_entries
 from leaderboard.plots import write_plots
 from leaderboard.scores import cells_from_store, protection, score
 from leaderboard.site import render
-from leaderboard.tables import group_markdown, latex, markdown, ranking_frame, write_tables
+from leaderboard.tables import group_markdown, latex, markdown, ranking_frame, scores_csv, write_tables
 
 ATTACK_CONFIGS = {"scratch": {"name": "scratch"}, "linear_probe": {"name": "linear_probe"},
                   "frozen_shallow": {"name": "frozen_shallow", "k": 1},
@@ -29,8 +30,10 @@ ATTACK_CONFIGS = {"scratch": {"name": "scratch"}, "linear_probe": {"name": "line
 
 
 def record(defense: str, attack: str, backbone: str, seed: int, acc: float | None, *, status: str = "ok",
-           preset: str = "t", dataset: str = "shapes", name: str | None = None, t: float = 0.0) -> CellRecord:
-    """A cell as the runner would store it; ``name`` is the registered defense behind the label."""
+           preset: str = "t", dataset: str = "shapes", name: str | None = None, t: float = 0.0,
+           cert: dict | None = None) -> CellRecord:
+    """A cell as the runner would store it; ``name`` is the registered defense behind the label, ``cert``
+    the certificate of its protected set (``Certificate.to_dict()``)."""
     name = name or defense.split("(")[0]
     config = {"defense": {"name": name, "version": 1}, "attack": ATTACK_CONFIGS.get(attack, {"name": attack}),
               "dataset": {"name": dataset, "train_size": 40}, "seed": seed}
@@ -38,7 +41,8 @@ def record(defense: str, attack: str, backbone: str, seed: int, acc: float | Non
     return CellRecord(key=key, preset=preset, dataset=dataset, defense=defense, attack=attack, backbone=backbone,
                       seed=seed, status=status, accuracy=acc if status == "ok" else None, train_accuracy=50.0,
                       seconds=1.0, defense_seconds=0.0, peak_memory_mb=1.0, error=None if status == "ok" else "boom",
-                      config=config, metrics={"perturbation": {"linf": 8.0}}, environment={"torch": "x"},
+                      config=config, metrics={"perturbation": {"linf": 8.0, "certificate": cert}},
+                      environment={"torch": "x"},
                       started_at=t, finished_at=t + 1)
 
 
@@ -166,6 +170,76 @@ def test_entries_round_trip_reproduces_the_tables(tmp_path):
     assert latex(ranking_frame(again)) == latex(ranking_frame(board)), "LaTeX from entries must match the store's"
     pd.testing.assert_frame_equal(again.ranked().drop(columns=["version"]), board.ranked().drop(columns=["version"]),
                                   check_dtype=False, obj="scores from entries")
+
+
+PASSED = certificate(Check("shortcut_accuracy", 0.97, 0.9, ">=")).to_dict()
+FAILED = certificate(Check("surrogate_error", 0.3, 0.01, "<="), rounds=3).to_dict()
+
+
+def certified_store(path: Path, failed_seed: int = 1) -> Path:
+    """Two seeds: random_noise passes both; random_noise(mode=class) fails on ``failed_seed``; clean has none."""
+    extra = []
+    for seed in (0, 1):
+        for (d, a, b), acc in GRID.items():
+            cert = None if d == "clean" else FAILED if (d != "random_noise" and seed == failed_seed) else PASSED
+            extra.append(record(d, a, b, seed, acc, cert=cert))
+    return make_store(path, rows={}, extra=extra)
+
+
+def test_certificates_reach_scores_entries_and_tables(tmp_path):
+    board = board_of(certified_store(tmp_path))
+    assert row(board, "random_noise")["certified"] is True, "every seed passed: certified must be True"
+    assert row(board, "random_noise(mode=class)")["certified"] is False, "one seed failed: certified must be False"
+    assert row(board, "clean")["certified"] is None, "no certificate: certified must be None"
+    assert "seed 1: surrogate_error=0.3<=0.01" in row(board, "random_noise(mode=class)")["certificate_checks"], \
+        f"the checks of every seed must be listed: {row(board, 'random_noise(mode=class)')['certificate_checks']}"
+    assert row(board, "random_noise(mode=class)")["rank"] == 1, "a failed certificate is shown, it does not re-rank"
+    table = ranking_frame(board).set_index("defense")
+    assert table["certificate"].to_dict() == {"random_noise(mode=class)": "FAILED", "random_noise": "pass",
+                                              "clean": "-"}, f"certificate column: {table['certificate'].to_dict()}"
+    assert "certificate failed" in table.loc["random_noise(mode=class)", "note"], "the note must say it failed"
+    assert "certificate failed" not in table.loc["random_noise", "note"], "a passed certificate needs no note"
+    assert "FAILED" in latex(ranking_frame(board)), "the LaTeX table must show the failure"
+    assert scores_csv(board).set_index("defense").loc["random_noise(mode=class)", "certificate"] == "FAILED", \
+        "the CSV must show the failure"
+    entries = make_entries(board)
+    failed = entries[("t", "random_noise(mode=class)")]["certificates"]
+    assert [(c["seed"], c["passed"]) for c in failed] == [(0, True), (1, False)], f"per-seed certificates: {failed}"
+    assert failed[1]["info"] == {"rounds": 3.0} and failed[1]["checks"][0]["name"] == "surrogate_error", failed[1]
+    assert entries[("t", "clean")]["certificates"] == [], "a defense without a certificate has an empty list"
+    html = render(board)
+    assert ">FAILED</span>" in html and "surrogate_error=0.3&lt;=0.01" in html, \
+        "the page must show FAILED with the escaped checks as the tooltip"
+
+
+def test_certificates_survive_the_entries_and_old_entries_load(tmp_path):
+    board = board_of(certified_store(tmp_path))
+    write_entries(board, tmp_path / "entries")
+    again = load_entries(tmp_path / "entries")
+    assert group_markdown(again) == group_markdown(board), "tables from entries must show the same certificates"
+    for path in (tmp_path / "entries" / "t").glob("*.json"):  # as the schema was before certificates
+        entry = json.loads(path.read_text())
+        entry.pop("certificates")
+        entry["score"].pop("certified")
+        for p in entry["perturbation"]:
+            p.pop("certificate", None)
+        path.write_text(json.dumps(entry))
+    old = load_entries(tmp_path / "entries")
+    assert old.scores["certified"].isna().all(), f"old entries carry no certificate: {old.scores['certified'].tolist()}"
+    assert set(ranking_frame(old)["certificate"]) == {"-"}, "old entries must show '-' in the certificate column"
+    only_top = json.loads((tmp_path / "entries" / "t" / "random_noise.json").read_text())
+    only_top["certificates"] = [{"seed": 0, **FAILED}]  # the explicit list alone restores the flag
+    (tmp_path / "entries" / "t" / "random_noise.json").write_text(json.dumps(only_top))
+    assert row(load_entries(tmp_path / "entries"), "random_noise")["certified"] is False, \
+        "load_entries must read the top-level certificates"
+
+
+def test_committed_entries_load():
+    board = load_entries(ENTRIES_DIR)
+    assert len(board.scores) > 0, f"no committed entries under {ENTRIES_DIR}"
+    assert board.scores["certified"].map(lambda c: c in (None, True, False)).all(), \
+        f"certified must be True, False or None: {board.scores['certified'].tolist()}"
+    assert set(ranking_frame(board)["certificate"]) <= {"pass", "FAILED", "-"}, "bad certificate column values"
 
 
 def test_incomplete_grid_survives_the_entries(tmp_path):

@@ -23,7 +23,14 @@ def _buffers(model):
 @pytest.mark.parametrize("name", ATTACKS.names())
 def test_every_attack_trains(name, tiny_train, tiny_test, ctx):
     attack = configure(ATTACKS, name, {"*": FAST}).plugin
-    model = attack.fit(tiny_train, "resnet_tiny", ctx)
+    fitted = attack.fit(tiny_train, "resnet_tiny", ctx)
+    model = fitted.model
+    assert fitted.epochs == FAST["epochs"], f"{name}: reported {fitted.epochs} epochs, trained {FAST['epochs']}"
+    assert fitted.train_accuracy is not None and 0 <= fitted.train_accuracy <= 100, \
+        f"{name}: train accuracy {fitted.train_accuracy} is not a percentage"
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert fitted.trainable_parameters == trainable > 0, \
+        f"{name}: reported {fitted.trainable_parameters} trainable parameters, the model has {trainable}"
     logits = model(tiny_test.images[:4].float() / 255)
     assert logits.shape == (4, tiny_train.num_classes), f"{name}: output {tuple(logits.shape)}"
     assert not model.training, f"{name}: fit must return the model in eval mode"
@@ -33,9 +40,9 @@ def test_every_attack_trains(name, tiny_train, tiny_test, ctx):
 def test_a_cell_does_not_depend_on_what_ran_before(name, tiny_train, tiny_test, ctx):
     attack = configure(ATTACKS, name, {"*": FAST}).plugin
     x = tiny_test.images.float() / 255
-    first = attack.fit(tiny_train, "resnet_tiny", ctx)(x)
+    first = attack.fit(tiny_train, "resnet_tiny", ctx).model(x)
     torch.rand(1000)  # another cell, or anything else, moves the global random state
-    again = attack.fit(tiny_train, "resnet_tiny", ctx)(x)
+    again = attack.fit(tiny_train, "resnet_tiny", ctx).model(x)
     assert torch.equal(first, again), f"{name}: the same cell gave a different model after other work"
 
 
@@ -58,7 +65,7 @@ def test_frozen_parameters_do_not_change(spec, frozen_groups, backbone, tiny_tra
     else:
         expected = {n for g in groups[:frozen_groups] for n in g}
     before, buffers = _snapshot(pretrained), _buffers(pretrained)
-    model = attack.fit(tiny_train, backbone, ctx)
+    model = attack.fit(tiny_train, backbone, ctx).model
     assert model.frozen_parameter_names() == expected, (
         f"{spec} on {backbone} froze {len(model.frozen_parameter_names())} tensors, expected {len(expected)}")
     after = _snapshot(model)

@@ -1,4 +1,4 @@
-"""The engine's checks on a defense's output, and quantization."""
+"""The engine's checks on a defense's output and an attack's model, certificates, and quantization."""
 
 from __future__ import annotations
 
@@ -7,9 +7,12 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from torch import nn
+
 from benchmark.data import ImageSet
 from benchmark.errors import UEBenchError
-from benchmark.plugins import Defense, ThreatModel, check_protected, perturbation_stats, quantize
+from benchmark.plugins import (Attack, Certificate, Check, Defense, Fitted, Protected, ThreatModel, certificate,
+                               check_protected, perturbation_stats, quantize)
 from defenses.random_noise import RandomNoise
 
 
@@ -84,9 +87,77 @@ def test_quantize_never_enlarges():
         quantize(clean, torch.full(clean.shape, float("nan")))
 
 
+def _defense(returns):
+    @dataclass(frozen=True)
+    class Returns(Defense):
+        def _perturb(self, train, ctx):
+            return returns(train)
+
+    Returns.name = "returns"
+    return Returns()
+
+
+def test_perturb_wraps_a_plain_image_set(clean, ctx):
+    out = _defense(lambda train: train.with_images(train.images.clone())).perturb(clean, ctx)
+    assert isinstance(out, Protected), f"perturb must return a Protected, got {type(out).__name__}"
+    assert out.certificate is None, f"a plain ImageSet carries no certificate, got {out.certificate}"
+    assert torch.equal(out.data.images, clean.images), "the wrapped images changed"
+    cert = certificate(Check("x", 0.1, 0.2))
+    kept = _defense(lambda train: Protected(train.with_images(train.images.clone()), cert)).perturb(clean, ctx)
+    assert kept.certificate is cert, "perturb must pass a Certificate through unchanged"
+
+
+def test_perturb_rejects_a_certificate_of_the_wrong_type(clean, ctx):
+    bad = _defense(lambda train: Protected(train, {"surrogate_error": 0.0}))
+    with pytest.raises(UEBenchError, match="defense 'returns': the certificate must be a Certificate, got dict"):
+        bad.perturb(clean, ctx)
+    with pytest.raises(UEBenchError, match="must return an ImageSet, got Tensor"):
+        _defense(lambda train: Protected(train.images, None)).perturb(clean, ctx)
+
+
+def test_fit_accepts_fitted_or_module_and_rejects_the_rest(clean, ctx):
+    def attack(returns):
+        @dataclass(frozen=True)
+        class Returns(Attack):
+            def _fit(self, train, backbone, ctx):
+                return returns()
+
+        Returns.name = "returns"
+        return Returns()
+
+    model = nn.Linear(2, 2).train()
+    fitted = attack(lambda: Fitted(model, train_accuracy=50.0, epochs=3, trainable_parameters=6)).fit(clean, "b", ctx)
+    assert fitted.model is model and not model.training, "fit must return the Fitted's model in eval mode"
+    assert (fitted.train_accuracy, fitted.epochs, fitted.trainable_parameters) == (50.0, 3, 6), \
+        f"fit changed the report: {fitted}"
+    bare = attack(lambda: nn.Linear(2, 2)).fit(clean, "b", ctx)
+    assert isinstance(bare, Fitted) and bare.train_accuracy is None, f"a bare module must be wrapped: {bare}"
+    for wrong, shown in ((lambda: {"model": model}, "dict"), (lambda: Fitted("not a model"), "Fitted")):
+        with pytest.raises(UEBenchError, match=f"attack 'returns': fit must return a Fitted or an nn.Module, "
+                                               f"got {shown}"):
+            attack(wrong).fit(clean, "b", ctx)
+
+
+def test_certificate_verdicts_and_round_trip():
+    ok, bad = Check("surrogate_error", 0.004, 0.01, "<="), Check("shortcut_accuracy", 0.5, 0.9, ">=")
+    assert ok.passed and not bad.passed, f"verdicts wrong: {ok.describe()}, {bad.describe()}"
+    assert not Check("x", float("nan"), 1.0).passed, "a NaN measurement must fail its check"
+    cert = certificate(ok, bad, rounds=3)
+    assert not cert.passed and certificate(ok).passed, "a certificate passes only when every check does"
+    assert cert.compact() == "surrogate_error=0.004<=0.01; shortcut_accuracy=0.5>=0.9", f"compact: {cert.compact()}"
+    assert Certificate.from_dict(cert.to_dict()) == cert, "to_dict / from_dict must round-trip"
+    stored = {"checks": [{"name": "e", "value": None, "threshold": 0.1, "op": "<="}], "info": {"r": None}}
+    assert not Certificate.from_dict(stored).passed, "a null (NaN in JSON) measurement must read back as failed"
+    with pytest.raises(UEBenchError, match="op='<' must be one of"):
+        Check("x", 1.0, 1.0, "<")
+
+
 @pytest.mark.parametrize("mode", ["sample", "class"])
 def test_random_noise(mode, tiny_train, ctx):
-    out = RandomNoise(mode=mode).perturb(tiny_train, ctx)
+    result = RandomNoise(mode=mode).perturb(tiny_train, ctx)
+    out = result.data
+    assert (result.certificate is None) == (mode == "sample"), \
+        f"random_noise(mode={mode}): certificate {result.certificate} (only class mode has a shortcut to certify)"
     stats = perturbation_stats(tiny_train.images, out.images)
     assert 6 <= stats.linf <= 8, f"random noise L-inf {stats.linf}/255 should be near 8/255"
     delta = out.images.float() - tiny_train.images.float()

@@ -1,7 +1,8 @@
-"""The runner end to end: results, reuse, resume after SIGKILL, failing cells, caches."""
+"""The runner end to end: results, reuse, resume after SIGKILL, failing cells, caches, certificates."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sqlite3
@@ -15,10 +16,14 @@ import pandas as pd
 import pytest
 import torch
 
+from benchmark.cache import load_verified, save_atomic
 from benchmark.presets import preset_from_dict
 from benchmark.plugins import Attack
 from benchmark.registry import ATTACKS
 from benchmark.runner import Runner, plan, zoo_part
+from leaderboard.cli import board_from_store
+from leaderboard.entries import entry_path, load_entries, read_entry, write_entries
+from leaderboard.tables import markdown, ranking_frame
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
@@ -123,6 +128,63 @@ def test_corrupt_protected_cache_is_rebuilt(tmp_path, caplog):
     img, _, _ = fresh.protected(cells[-1])
     assert "corrupt" in caplog.text, "a corrupt cache entry must be reported"
     assert img.images.dtype == torch.uint8 and len(img) == 60
+
+
+# class-wise noise below one uint8 step: quantization erases it, so its shortcut certificate fails
+ERASED = "random_noise:mode=class,eps=0.5/255"
+
+
+def test_a_failed_certificate_is_recorded_and_the_cell_still_counts(tmp_path, caplog):
+    cells = plan(preset_from_dict(dict(TINY, defenses=["clean", "random_noise:mode=class", ERASED])))
+    erased = next(c for c in cells if "eps" in c.defense.label).defense.label
+    with caplog.at_level(logging.INFO, logger="benchmark.runner"):
+        summary = _runner(tmp_path).run(cells)
+    assert [r.status for r in summary.ran] == ["ok"] * 3, f"a failed certificate must not fail a cell: {summary.ran}"
+    certs = {r.defense: r.metrics["perturbation"]["certificate"] for r in summary.ran}
+    assert certs["clean"] is None, f"clean has no certificate, stored {certs['clean']}"
+    assert certs["random_noise(mode=class)"]["passed"], f"class-wise noise is a shortcut: {certs}"
+    assert certs[erased]["passed"] is False and certs[erased]["checks"][0]["name"] == "shortcut_accuracy", \
+        f"erased noise must fail its shortcut check: {certs[erased]}"
+    assert all(set(r.metrics["attack"]) == {"epochs", "trainable_parameters"} for r in summary.ran), \
+        f"the attack's report is missing: {[r.metrics['attack'] for r in summary.ran]}"
+    assert all(r.train_accuracy is not None for r in summary.ran), "the train accuracy of the Fitted must be stored"
+    assert f"{erased} (seed 0): certificate failed" in caplog.text, "a failed certificate must be logged as a warning"
+    pert = pd.read_csv(tmp_path / "out" / "perturbations.csv").set_index("defense")
+    assert pert["certificate"].to_dict() == {"clean": "none", "random_noise(mode=class)": "passed", erased: "failed"}, \
+        f"perturbations.csv verdicts: {pert['certificate'].to_dict()}"
+    assert pert.loc[erased, "certificate_checks"].startswith("shortcut_accuracy=") and \
+        pert.loc[erased, "certificate_checks"].endswith(">=0.9"), f"checks: {pert.loc[erased, 'certificate_checks']}"
+
+    board = board_from_store(tmp_path / "out", presets={}, metadata_fallback=None)
+    certified = board.scores.set_index("defense")["certified"].to_dict()
+    assert certified == {"clean": None, "random_noise(mode=class)": True, erased: False}, f"certified: {certified}"
+    table = ranking_frame(board).set_index("defense")
+    assert table.loc[erased, "certificate"] == "FAILED" and "certificate failed" in table.loc[erased, "note"], \
+        f"the table must flag the failure: {table.loc[erased].to_dict()}"
+    assert f"| {erased}" in markdown(ranking_frame(board)) and "FAILED" in markdown(ranking_frame(board)), \
+        "the markdown table must show FAILED"
+    write_entries(board, tmp_path / "entries")
+    entry = read_entry(entry_path(tmp_path / "entries", "tiny", erased))
+    assert [c["passed"] for c in entry["certificates"]] == [False] and entry["score"]["certified"] is False, \
+        f"the entry must carry the failed certificate: {entry['certificates']}, {entry['score']}"
+    assert read_entry(entry_path(tmp_path / "entries", "tiny", "clean"))["certificates"] == [], \
+        "a defense without a certificate has an empty list"
+    again = load_entries(tmp_path / "entries").scores.set_index("defense")["certified"].to_dict()
+    assert again == certified, f"entries must restore the certified flags: {again} != {certified}"
+
+
+def test_a_protected_set_cached_before_certificates_is_built_again(tmp_path):
+    cells = plan(preset_from_dict(dict(TINY, defenses=["random_noise:mode=class"])))
+    cell = cells[-1]
+    _runner(tmp_path).protected(cell)
+    (path,) = [p for p in (tmp_path / "out" / "cache" / "protected").glob("*.safetensors")
+               if load_verified(p)[1]["defense"] == cell.defense.label]
+    tensors, meta = load_verified(path)
+    save_atomic(path, tensors, {k: v for k, v in meta.items() if k != "certificate"})  # as an older version wrote it
+    _, rebuilt, seconds = _runner(tmp_path).protected(cell)
+    assert seconds > 0 and rebuilt["certificate"] == meta["certificate"], \
+        f"a cached set without a certificate must be generated again (took {seconds}s, meta {rebuilt})"
+    assert "certificate" in load_verified(path)[1], "the rebuilt set must replace the old cache entry"
 
 
 def _count_ok(db: Path) -> int:

@@ -43,12 +43,19 @@ def test_bad_field_is_rejected():
 
 def test_class_mode_change_lies_in_subspace(tiny_train, ctx):
     ssc = tiny_ssc()
-    out = ssc.perturb(tiny_train, ctx)
+    result = ssc.perturb(tiny_train, ctx)
+    out = result.data
+    cert = result.certificate
+    assert cert is not None and [(c.name, c.threshold, c.op) for c in cert.checks] == \
+        [("surrogate_error", ssc.stop_error, "<=")], f"ssc's certificate must be its surrogate error: {cert}"
+    info = dict(cert.info)
+    assert set(info) == {"subspace_energy_ratio", "rounds"} and 1 <= info["rounds"] <= ssc.rounds, \
+        f"ssc's certificate info: {info}"
     stats = perturbation_stats(tiny_train.images, out.images)
     assert 0 < stats.linf <= 8, f"L-inf {stats.linf}/255 outside (0, 8]"
     model, space = ssc.surrogate(tiny_train, ctx)
     ratio = subspace_energy_ratio(model, ssc.k, tiny_train.images, out.images, space.mask, ctx.device)
-    assert ratio == pytest.approx(ctx.metrics["subspace_energy_ratio"], abs=1e-4), "reported ratio differs"
+    assert ratio == pytest.approx(info["subspace_energy_ratio"], abs=1e-4), "the certificate's ratio differs"
     gen = torch.Generator().manual_seed(1)
     noise = (torch.rand((tiny_train.num_classes, *tiny_train.image_shape), generator=gen) * 2 - 1) * ssc.eps
     noisy = quantize(tiny_train.images, tiny_train.images.float() / 255 + noise[tiny_train.labels])
@@ -56,11 +63,12 @@ def test_class_mode_change_lies_in_subspace(tiny_train, ctx):
     assert ratio > 0.5, f"only {ratio:.2f} of the feature change lies in the semantic subspace"
     assert ratio > baseline + 0.05, f"SSC's subspace ratio {ratio:.2f} is not above random noise's {baseline:.2f}"
     again = ssc.perturb(tiny_train, ctx)
-    assert torch.equal(out.images, again.images), "the same seed must give the same bytes"
+    assert torch.equal(out.images, again.data.images), "the same seed must give the same bytes"
+    assert again.certificate == cert, "the same seed must give the same certificate"
 
 
 def test_sample_mode_respects_budget(tiny_train, ctx):
-    out = tiny_ssc(mode="sample", rounds=1).perturb(tiny_train, ctx)
+    out = tiny_ssc(mode="sample", rounds=1).perturb(tiny_train, ctx).data
     stats = perturbation_stats(tiny_train.images, out.images)
     assert 0 < stats.linf <= 8, f"L-inf {stats.linf}/255 outside (0, 8]"
     diff = out.images.to(torch.int16) - tiny_train.images.to(torch.int16)

@@ -15,7 +15,7 @@ from benchmark.registry import ATTACKS, DEFENSES, load_plugin_file
 from benchmark.runner import Runner, plan
 from benchmark.store import Store
 from leaderboard.entries import read_entry
-from leaderboard.submit import submit
+from leaderboard.submit import certificate_lines, submit
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "my_ue.py"
 
@@ -146,10 +146,13 @@ def test_example_is_a_valid_class_wise_plugin(tiny_train, ctx):
     try:
         assert added == ["defense:my_ue"], f"the example must register exactly my_ue, got {added}"
         plugin = DEFENSES.get("my_ue")()
-        out = plugin.perturb(tiny_train, ctx)
+        result = plugin.perturb(tiny_train, ctx)
+        out = result.data
+        assert result.certificate is not None and result.certificate.passed, \
+            f"the example's class-wise patches must pass its shortcut certificate: {result.certificate}"
         delta = out.images.int() - tiny_train.images.int()
         assert int(delta.abs().max()) <= 8, f"L-inf 8/255 exceeded: {int(delta.abs().max())}"
-        assert torch.equal(plugin.perturb(tiny_train, ctx).images, out.images), "same seed must give the same bytes"
+        assert torch.equal(plugin.perturb(tiny_train, ctx).data.images, out.images), "same seed must give the same bytes"
         meta = plugin.metadata()
         assert (meta["norm"], meta["granularity"]) == ("linf", "class"), f"threat model wrong: {meta}"
     finally:
@@ -169,11 +172,23 @@ def test_submit_example_writes_entry_and_ranks(tmp_path, preset_file, store_with
         f"threat model wrong: {entry['threat_model']}"
     assert result.rank == 1 and result.ranked == 1, f"the only ranked defense must be rank 1, got {result.rank}"
     assert "rank 1 of 1" in result.report() and "my_ue" in result.report(), f"report: {result.report()}"
+    assert "my_ue (seed 0): certificate passed: shortcut_accuracy" in result.report(), \
+        f"the report must show the protected set's certificate: {result.report()}"
+    assert [c["passed"] for c in entry["certificates"]] == [True], f"entry certificates: {entry['certificates']}"
     assert (entries / "tinysub" / "clean.json").is_file(), "the missing clean reference entry must be written"
     with Store(store_with_clean / "results.sqlite") as store:
         after = {r["key"]: r["finished_at"] for r in store.rows() if r["defense"] == "clean"}
     assert after == clean_before, "the clean references in the store must be reused, not rerun"
     assert result.published.site.is_file(), "the leaderboard must be rebuilt"
+
+
+def test_a_defense_without_certificate_is_warned_about(caplog):
+    cert = {"passed": True, "checks": [{"name": "shortcut_accuracy", "value": 1.0, "threshold": 0.9, "op": ">="}]}
+    lines = certificate_lines("plain", "plain(eps=1)", {1: {"certificate": None}, 0: {"certificate": cert}})
+    assert lines[0] == "plain(eps=1) (seed 0): certificate passed: shortcut_accuracy 1 >= 0.9 pass", lines
+    assert lines[1].startswith("WARNING: plain(eps=1) (seed 1): defense 'plain' returned no certificate: the "
+                               "leaderboard cannot show whether it reached its objective"), lines
+    assert "returned no certificate" in caplog.text, "the missing certificate must be logged as a warning"
 
 
 @pytest.mark.parametrize("case", sorted(BAD_PLUGINS))
