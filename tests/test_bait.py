@@ -115,11 +115,14 @@ def test_class_structure_of_shared_and_distinct_noise():
     assert specific > 0.8 and abs(cos) < 0.2, f"independent patterns: class-specific {specific}, cosine {cos}"
 
 
+@pytest.mark.slow
 def test_direct_parametrization_binds_on_a_tiny_set(tiny_train, ctx):
-    """The direct variant reaches the bind gate on 40 images against a random surrogate, and every
-    curriculum stage's hit rate is recorded; the generator path at the same budget does not bind."""
-    direct = tiny_bait(parametrization="direct", epochs=6, batch_size=40, direct_step=2 / 255,
+    """The direct variant passes its certificate on 40 images against a random-init surrogate (60 outer
+    steps; a 16/255 budget so that so few steps suffice), and every curriculum stage's hit rate is
+    recorded; one epoch of the generator path does not bind."""
+    direct = tiny_bait(parametrization="direct", epochs=60, batch_size=40, eps=16 / 255, direct_step=2 / 255,
                        pretrained_surrogate=False).perturb(tiny_train, ctx).certificate
+    assert direct.passed, f"direct BAIT should pass its certificate on a tiny set: {direct.describe()}"
     bind = {c.name: c for c in direct.checks}["bind_rate"]
     assert bind.passed, f"direct BAIT should bind on a tiny set: {direct.describe()}"
     info = dict(direct.info)
