@@ -67,7 +67,7 @@ def certificate_lines(name: str, label: str, metas: dict[int, dict[str, Any]]) -
         cert = meta.get("certificate")
         if cert is None:
             warning = (f"defense {name!r} returned no certificate: the leaderboard cannot show whether it reached "
-                       f"its objective (return Protected(images, certificate(...)) from _perturb; see docs/submit.md)")
+                       f"its objective (return Protected(data, certificate(...)) from _perturb; see docs/submit.md)")
             log.warning("%s", warning)
             lines.append(f"WARNING: {label} (seed {seed}): {warning}")
         else:
