@@ -7,7 +7,7 @@
 | ``full_finetune`` | zoo (``supervised``) | everything, small learning rate |
 | ``sf_pretrain`` | zoo (``sf``), or SF pretraining on the protected images themselves | per ``finetune`` |
 
-Protocol defaults (METHODS.md): SGD momentum 0.9, lr 1e-3 for pretrained inits (BAIT's fine-tuning
+Protocol defaults (docs/methods.md, "Victim protocol"): SGD momentum 0.9, lr 1e-3 for pretrained inits (BAIT's fine-tuning
 protocol), lr 0.1 for the linear probe's head, cosine, batch 128, crop (pad 4) + flip.
 References: Li et al., "When Priors Backfire", ICLR 2026 (arXiv 2603.04731) for full fine-tuning;
 Wang et al., "Channel-Level Semantic Perturbations", 2026 (arXiv 2605.05224) for frozen shallow

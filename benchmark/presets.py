@@ -32,7 +32,7 @@ class Preset:
 
 
 # quick: the tiny victims cannot learn a shift-invariant 8/255 pattern in a short run, so the
-# quick protocol trains without augmentation (research/shapes-prototype.md); standard and paper
+# quick protocol trains without augmentation (README, "Presets"; docs/methods.md, "Victim protocol"); standard and paper
 # keep the papers' crop + flip.
 QUICK = Preset(
     name="quick",

@@ -39,7 +39,7 @@ def cross_entropy_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tu
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """A training protocol. Defaults: METHODS.md's shared protocol (training from scratch)."""
+    """A training protocol. Defaults: the shared protocol of docs/methods.md (training from scratch)."""
 
     epochs: int = 60             # passes over the training set
     batch_size: int = 128        # images per step

@@ -4,7 +4,7 @@ Wang, Ni, Zhao, Qin, Ren, "Channel-Level Semantic Perturbations: Unlearnable Exa
 Training Paradigms", 2026 (arXiv 2605.05224). Only the abstract was available: frozen shallow layers
 of a pretrained model filter out non-semantic UE noise ("semantic filtering"); SSC confines UE
 generation to a semantically valid, channel-level subspace so that the perturbation passes the
-shallow filter. Everything below the abstract's level is our reading (METHODS.md, "SSC"):
+shallow filter. Everything below the abstract's level is our reading (docs/methods.md, "SSC"):
 
 1. h_s = the stem and the first ``k`` stages of a pretrained surrogate (zoo ``supervised`` or ``sf``),
    frozen; the rest of the network and a fresh head stay trainable.
