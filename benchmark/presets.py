@@ -43,7 +43,7 @@ QUICK = Preset(
     defense_protocol={"*": {"surrogate_backbone": "resnet_tiny"},
                       "em": {"batch_size": 128, "train_steps": 40, "steps": 1, "step_size": 4 / 255, "max_rounds": 10},
                       "tap": {"surrogate": "supervised", "lr": 0.05, "surrogate_epochs": 3, "surrogate_augment": "none",
-                              "steps": 10, "step_size": 2 / 255, "restarts": 1, "augment": False},
+                              "steps": 15, "step_size": 2 / 255, "restarts": 1, "augment": False},
                       "rem": {"surrogate": "supervised", "lr": 0.05, "train_steps": 150, "steps": 3,
                               "step_size": 3 / 255, "eot": 1, "adv_steps": 1, "adv_step_size": 4 / 255},
                       "bait": {"parametrization": "direct", "generator": "small", "epochs": 12, "batch_size": 128,
@@ -73,7 +73,7 @@ QUICK = Preset(
                   "batch 128. Zoo on 20k procedural glyphs: supervised AdamW 2e-3 with crop+flip, 6 epochs; SF = "
                   "those weights, then 3 epochs of NT-Xent plus cross-entropy on strong views (pure SimCLR does "
                   "not learn in a CPU budget). Generators scaled down to fit a CPU (each checked by its "
-                  "certificate): em and ssc stop at their stop error within 10 rounds; tap: 3-epoch surrogate, 10 "
+                  "certificate): em and ssc stop at their stop error within 10 rounds; tap: 3-epoch surrogate, 15 "
                   "PGD steps of 2/255 without augmentation in crafting (the victims train without it); rem: "
                   "150 surrogate steps, 3 noise steps of 3/255, 1 adversarial step, no EOT; bait: the direct "
                   "parametrization (docs/methods.md), 12 outer epochs on 15 % of the images",
