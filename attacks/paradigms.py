@@ -80,6 +80,9 @@ class PretrainedAttack(Attack):
         if self.weights not in WEIGHT_SOURCES:
             raise UEBenchError(f"{self.name}: weights={self.weights!r} must be one of {WEIGHT_SOURCES}")
 
+    def zoo_sources(self) -> frozenset[str]:
+        return frozenset({self.weights} - {"random"})  # random: the control, no zoo weights
+
     def pretrained(self, data: ImageSet, backbone: str, ctx: Context, pool: ImageSet | None = None) -> Classifier:
         if ctx.zoo is None:
             raise UEBenchError(f"attack {self.name!r} needs the zoo, but the context has none")

@@ -22,6 +22,9 @@ from benchmark.training import train, trainable_parameters
 class Scratch(Attack):
     title = "Training from scratch"
 
+    def zoo_sources(self) -> frozenset[str]:
+        return frozenset()  # no pretrained weights
+
     def _fit(self, data: ImageSet, backbone: str, ctx: Context) -> Fitted:
         torch.manual_seed(ctx.seed)
         model = create_model(backbone, data.num_classes, data.image_shape[-1], data.image_shape[0])

@@ -178,6 +178,13 @@ class Plugin:
     interpretation: ClassVar[bool] = False  # True when the method is the project's reading of an incomplete source
     version: ClassVar[int] = 1              # bump when the code changes what the plugin computes
 
+    def zoo_sources(self) -> frozenset[str]:
+        """The zoo sources (``supervised``, ``sf``, ``timm``, ``file``) this configured plugin takes weights
+        from; cell and protected-set keys include exactly the recipes of these. A plugin that declares
+        nothing is taken to use ``supervised`` (whose recipe every key includes anyway): a plugin that
+        reaches the ``sf`` zoo must say so, or its cells are not recomputed when the sf recipe changes."""
+        return frozenset({"supervised"})
+
     @classmethod
     def plugin_info(cls) -> dict[str, Any]:
         return {"name": cls.name, "title": cls.title, "paper": cls.paper, "venue": cls.venue, "year": cls.year,

@@ -26,6 +26,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +59,18 @@ class PretrainConfig:
     label_weight: float = 0.0    # sf: weight of cross-entropy on the pool's labels (0 = pure SimCLR)
     sf_init: str = "random"      # sf: start from random weights, or from the 'supervised' zoo weights
     seed: int = 0                # the zoo's own seed: the same pretrained weights for every cell seed
+
+    def recipe(self, sources: Iterable[str]) -> dict:
+        """The part of this config that weights from ``sources`` depend on, as it enters cache and cell
+        keys: everything when ``sf`` is among them, else the supervised recipe and the seed. The
+        supervised recipe is always included (sf starts from it with ``sf_init=supervised``, and keys
+        written before plugins declared their sources include it); other sources add nothing."""
+        sources = set(sources)
+        bad = sorted(sources - set(SOURCES))
+        if bad:
+            raise UEBenchError(f"unknown zoo source {bad[0]!r}; valid: {', '.join(SOURCES)}")
+        full = asdict(self)
+        return full if "sf" in sources else {"supervised": full["supervised"], "seed": full["seed"]}
 
     def __post_init__(self) -> None:
         if self.sf_init not in ("random", "supervised"):
@@ -206,10 +219,8 @@ class Zoo:
                    progress=self.progress)
 
     def key(self, backbone: str, source: str) -> str:
-        cfg = asdict(self.config)
-        cfg = {"sf": cfg, "supervised": {"supervised": cfg["supervised"], "seed": cfg["seed"]}}[source]
         return stable_hash({"backbone": get_spec(backbone).key(), "source": source, "pool": self.pool_key,
-                            "config": cfg, "protocol_version": PROTOCOL_VERSION})
+                            "config": self.config.recipe({source}), "protocol_version": PROTOCOL_VERSION})
 
     def build(self, backbone: str, source: str) -> tuple[dict[str, torch.Tensor], bool]:
         """The pretrained state dict (from the cache when present); returns (state, was_cached)."""

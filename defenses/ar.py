@@ -150,6 +150,9 @@ class AutoregressivePerturbation(Defense):
         """Candidates (rows) whose every trial's unscaled L-inf norm is finite, nonzero and within the bound."""
         return (torch.isfinite(peaks) & (peaks > 0) & (peaks <= self.norm_bound)).all(dim=1)
 
+    def zoo_sources(self) -> frozenset[str]:
+        return frozenset()  # no pretrained weights
+
     def _perturb(self, train: ImageSet, ctx: Context) -> Protected:
         gen = ctx.generator()
         c, h, w = train.image_shape

@@ -18,5 +18,8 @@ class Clean(Defense):
     norm = "none"
     granularity = "none"
 
+    def zoo_sources(self) -> frozenset[str]:
+        return frozenset()  # no pretrained weights
+
     def _perturb(self, train: ImageSet, ctx: Context) -> Protected:
         return Protected(train.with_images(train.images.clone(), name=f"{train.name}+clean"), None)

@@ -71,6 +71,9 @@ class ConvolutionUnlearnable(Defense):
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise UEBenchError(f"cuda: kernel_size={self.kernel_size!r} must be a positive odd number")
 
+    def zoo_sources(self) -> frozenset[str]:
+        return frozenset()  # no pretrained weights
+
     def _perturb(self, train: ImageSet, ctx: Context) -> Protected:
         filters = class_filters(train.num_classes, self.kernel_size, self.blur, self.center, ctx.generator())
         out = torch.empty(train.images.shape, dtype=torch.uint8)

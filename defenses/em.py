@@ -88,6 +88,9 @@ class ErrorMinimizing(Defense):
             raise UEBenchError(f"{where}: grad_clip={self.grad_clip!r} must be >= 0")
         check_surrogate(where, self.surrogate_backbone, self.surrogate)
 
+    def zoo_sources(self) -> frozenset[str]:
+        return frozenset({self.surrogate} - {"scratch"})  # scratch = random init, no zoo weights
+
     def _perturb(self, train: ImageSet, ctx: Context) -> Protected:
         steps = self.steps or DEFAULT_STEPS[self.mode]
         stop = DEFAULT_STOP[self.mode] if self.stop_error is None else self.stop_error

@@ -85,6 +85,9 @@ class LinearlySeparablePerturbation(Defense):
         if not self.class_sep > 0:
             raise UEBenchError(f"lsp: class_sep={self.class_sep!r} must be > 0")
 
+    def zoo_sources(self) -> frozenset[str]:
+        return frozenset()  # no pretrained weights
+
     def _perturb(self, train: ImageSet, ctx: Context) -> Protected:
         gen = ctx.generator()
         c, h, w = train.image_shape

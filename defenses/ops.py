@@ -74,6 +74,9 @@ class OnePixelShortcut(Defense):
     def threat_model(self) -> ThreatModel:
         return ThreatModel("l0", float(self.sparsity), "class")
 
+    def zoo_sources(self) -> frozenset[str]:
+        return frozenset()  # no pretrained weights
+
     def _perturb(self, train: ImageSet, ctx: Context) -> Protected:
         c, h, w = train.image_shape
         if self.sparsity > h * w:

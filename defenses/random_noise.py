@@ -40,6 +40,9 @@ class RandomNoise(Defense):
         if not 0 < self.eps <= 1:
             raise UEBenchError(f"random_noise: eps={self.eps!r} must be in (0, 1]")
 
+    def zoo_sources(self) -> frozenset[str]:
+        return frozenset()  # no pretrained weights
+
     def _perturb(self, train: ImageSet, ctx: Context) -> Protected:
         gen = ctx.generator()
         shape = train.images.shape[1:]

@@ -104,6 +104,9 @@ class RobustErrorMinimizing(Defense):
                        loss_fn=robust_loss, transform=Augment(), eot=self.eot, gen=gen)
         return delta
 
+    def zoo_sources(self) -> frozenset[str]:
+        return frozenset({self.surrogate} - {"scratch"})  # scratch = random init, no zoo weights
+
     def _perturb(self, train: ImageSet, ctx: Context) -> Protected:
         gen = ctx.generator()
         dev = ctx.device

@@ -217,6 +217,9 @@ class ShallowSemanticCamouflage(Defense):
         mask, codes = channel_codes(energy, self.keep_fraction, train.num_classes)
         return model, Subspace(mask, codes, scale)
 
+    def zoo_sources(self) -> frozenset[str]:
+        return frozenset({self.surrogate_weights})
+
     def _perturb(self, train: ImageSet, ctx: Context) -> Protected:
         start = time.perf_counter()
         with torch.random.fork_rng(devices=[]):

@@ -91,6 +91,9 @@ class TargetedAdversarialPoisoning(Defense):
         check_positive(where, step_size=self.step_size, lr=self.lr)
         check_surrogate(where, self.surrogate_backbone, self.surrogate)
 
+    def zoo_sources(self) -> frozenset[str]:
+        return frozenset({self.surrogate} - {"scratch"})  # scratch = random init, no zoo weights
+
     def _perturb(self, train: ImageSet, ctx: Context) -> Protected:
         gen = ctx.generator()
         dev = ctx.device
