@@ -103,8 +103,12 @@ def _list(what: str) -> None:
 def _run(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
+    from pathlib import Path
+
+    from benchmark.execute import LocalExecutor, run_grid
+    from benchmark.plan import plan, with_dataset_overrides
     from benchmark.presets import load_preset
-    from benchmark.runner import Runner, perturbations_frame, plan, results_frame, with_dataset_overrides
+    from benchmark.report import perturbations_frame, results_frame
     from benchmark.store import Store
     from benchmark.training import resolve_device
 
@@ -116,9 +120,10 @@ def _run(args: argparse.Namespace) -> int:
                  backbones=args.backbones, seeds=args.seeds)
     device = resolve_device(args.device)
     log.info("preset %s: %d cells on %s, results in %s", preset.name, len(cells), device, args.out)
-    runner = Runner(args.out, device=device, cache_dir=args.cache_dir, progress=not args.no_progress)
-    summary = runner.run(cells)
-    with Store(runner.out_dir / "results.sqlite") as store:
+    out = Path(args.out)
+    executor = LocalExecutor(args.cache_dir or out / "cache", device=device, progress=not args.no_progress)
+    summary = run_grid(cells, out, executor)
+    with Store(out / "results.sqlite") as store:
         df = results_frame(store, summary.keys)
         pert = perturbations_frame(store, summary.keys)
     shown = df[["defense", "attack", "backbone", "seed", "status", "accuracy", "clean_accuracy", "seconds"]]
@@ -129,12 +134,12 @@ def _run(args: argparse.Namespace) -> int:
         shown_pert = pert.drop(columns="dataset").fillna({"certificate_checks": "-"})
         print(tabulate(shown_pert, headers="keys", showindex=False, floatfmt=".3g"))
     print(f"\n{summary.planned} cells: {summary.skipped} reused, {len(summary.ran)} run, "
-          f"{len(summary.failed)} failed. Results: {runner.out_dir / 'results.csv'}")
+          f"{len(summary.failed)} failed. Results: {out / 'results.csv'}")
     for rec in summary.failed:
         print(f"failed: {rec.defense} / {rec.attack} / {rec.backbone} / seed {rec.seed}: {rec.error}")
-    from leaderboard.cli import publish_run
+    from leaderboard.build import publish_run
 
-    print("\n" + publish_run(runner.out_dir, cells, preset).summary())
+    print("\n" + publish_run(out, cells).summary())
     return 1 if summary.failed else 0
 
 
@@ -145,7 +150,7 @@ def _pretrain(args: argparse.Namespace) -> int:
 
     from benchmark.data import load_dataset
     from benchmark.presets import load_preset
-    from benchmark.runner import with_dataset_overrides
+    from benchmark.plan import with_dataset_overrides
     from benchmark.training import resolve_device
     from benchmark.zoo import Zoo, pretrain_config
 

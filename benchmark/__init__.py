@@ -1,6 +1,6 @@
 """uebench: unlearnable examples against pretrained, frozen, probed and fine-tuned victims.
 
-The engine: registries, data sets, backbones, the training loop, the runner and the store.
+The engine: registries, data sets, backbones, the training loop, planning, execution, reports and the store.
 """
 
 __version__ = "0.1.0"

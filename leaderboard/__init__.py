@@ -9,5 +9,6 @@
 | ``site`` | the self-contained, sortable ``index.html`` |
 | ``figures`` | ``reproduce FIGURE``: plan and run the cells a paper figure needs, then draw it |
 | ``submit`` | ``submit my_ue.py``: validate a generator plugin, run its cells, write its entry, rank it |
-| ``cli`` | the ``leaderboard``, ``submit`` and ``reproduce`` commands of ``run_benchmark.py`` |
+| ``build`` | store or planned cells -> board (``cells_board``, for run, submit, reproduce) -> published files |
+| ``cli`` | the ``leaderboard``, ``submit`` and ``reproduce`` commands of ``run_benchmark.py`` (argparse glue) |
 """

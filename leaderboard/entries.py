@@ -22,8 +22,8 @@ import pandas as pd
 
 from benchmark import PROTOCOL_VERSION, __version__
 from benchmark.errors import UEBenchError
-from leaderboard.scores import (CELL_COLUMNS, CELL_KEYS, METADATA_FIELDS, Leaderboard, defense_metadata,
-                                paper_url, score, seed_certificates, slug)
+from leaderboard.scores import (CELL_COLUMNS, CELL_KEYS, METADATA_FIELDS, Leaderboard, paper_url, score,
+                                seed_certificates, slug)
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ def load_entries(root: str | Path = ENTRIES_DIR, groups: Iterable[str] | None = 
         e = read_entry(path)
         if (e["group"], e["defense"]) in metadata:
             raise UEBenchError(f"leaderboard entry {path}: {e['defense']!r} appears twice in {e['group']!r}")
-        metadata[(e["group"], e["defense"])] = entry_metadata(e)
+        meta = metadata[(e["group"], e["defense"])] = entry_metadata(e)
         if e.get("protocol"):
             presets.setdefault(e["preset"], e["protocol"])
         perturbation = {p["seed"]: {k: v for k, v in p.items() if k != "seed"} for p in e.get("perturbation", [])}
@@ -183,6 +183,7 @@ def load_entries(root: str | Path = ENTRIES_DIR, groups: Iterable[str] | None = 
                 "error": r.get("error"), "key": r.get("key", ""), "defense_config": e.get("config", {}),
                 "attack_config": attack_cfg, "dataset_config": e.get("dataset_config", {}),
                 "perturbation": perturbation.get(int(r["seed"]), {}), "environment": e.get("environment", {}),
+                "metadata": {"defense": meta, "preset": e.get("protocol") or {}},
             })
         grid += [{"group": e["group"], **g} for g in e["grid"]]
     cells = pd.DataFrame(rows, columns=CELL_COLUMNS)
@@ -190,18 +191,19 @@ def load_entries(root: str | Path = ENTRIES_DIR, groups: Iterable[str] | None = 
 
 
 def store_metadata(cells: pd.DataFrame, fallback: str | Path | None = ENTRIES_DIR) -> dict[tuple[str, str], dict]:
-    """Metadata for the defenses of a store: from the registry (plugins loaded now), else from an existing
-    entry of the same label under ``fallback`` (e.g. a submitted plugin that is not loaded)."""
+    """Metadata for the defenses of a store: what their cells recorded when they ran, else (records
+    written before cells carried metadata) an existing entry of the same label under ``fallback``."""
     out = {}
     for (group, defense), g in cells.groupby(["group", "defense"]):
-        name, config = g["defense_name"].iloc[0], g["defense_config"].iloc[0]
-        meta = defense_metadata(name, config)
+        recorded = [m["defense"] for m in g["metadata"] if isinstance(m, Mapping) and m.get("defense")]
+        meta = {k: v for k, v in recorded[-1].items() if k in METADATA_FIELDS} if recorded else None
         if meta is None and fallback is not None:
             path = entry_path(Path(fallback), group, defense)
             if path.is_file():
                 meta = entry_metadata(read_entry(path))
         if meta is None:
-            log.warning("no metadata for defense %r: its plugin is not loaded (pass --plugin FILE)", defense)
+            log.warning("no metadata for defense %r: its cells were recorded without it and no entry has it; "
+                        "rerun them to record it", defense)
             continue
         out[(group, defense)] = meta
     return out

@@ -1,7 +1,7 @@
 """Named paper figures for ``run_benchmark.py reproduce FIGURE``.
 
-Each figure plans only the cells it needs (``benchmark.runner.plan``) and runs them with the
-``Runner`` (finished cells in the results store are reused), then writes ``OUT/figures/<name>.png``,
+Each figure plans only the cells it needs (``benchmark.plan.plan``) and runs them with an executor
+(``benchmark.execute``; finished cells in the results store are reused), then writes ``OUT/figures/<name>.png``,
 ``.pdf`` and a ``.csv`` of exactly the plotted numbers.
 
 | figure | what it shows | papers |
@@ -25,10 +25,11 @@ import torch
 
 from benchmark.metrics import PSNR_CAP, perturbation_quality
 from benchmark.models import create_model
+from benchmark.execute import LocalExecutor, run_grid
+from benchmark.plan import Cell, plan
 from benchmark.presets import Preset
-from benchmark.runner import Cell, Runner, plan
 from leaderboard import plots
-from leaderboard.cli import board_from_store, plan_grid, preset_info
+from leaderboard.build import cells_board
 from leaderboard.scores import Leaderboard
 from leaderboard.tables import acc_text, latex, markdown
 
@@ -41,10 +42,10 @@ GALLERY_IMAGES = 4
 
 @dataclass(frozen=True)
 class Request:
-    """What a figure is asked for: the preset, the runner and optional overrides of the preset's grid."""
+    """What a figure is asked for: the preset, the executor and optional overrides of the preset's grid."""
 
     preset: Preset
-    runner: Runner
+    executor: LocalExecutor
     out_dir: Path
     defenses: Sequence[str] | None = None
     backbones: Sequence[str] | None = None
@@ -56,12 +57,11 @@ class Request:
                     seeds=seeds or self.seeds)
 
     def run(self, cells: list[Cell]) -> Leaderboard:
-        summary = self.runner.run(cells)
+        summary = run_grid(cells, self.out_dir, self.executor)
         for rec in summary.failed:
             log.warning("cell failed (drawn as missing): %s / %s / %s: %s", rec.defense, rec.attack, rec.backbone,
                         rec.error)
-        return board_from_store(self.runner.out_dir, keys=[c.key for c in cells], grid=plan_grid(cells),
-                                presets={self.preset.name: preset_info(self.preset)})
+        return cells_board(self.out_dir, cells)
 
     @property
     def stem(self) -> Path:
@@ -174,12 +174,12 @@ def gallery(req: Request) -> list[Path]:
     seed = (req.seeds or req.preset.seeds)[0]
     backbone = (req.backbones or req.preset.backbones)[0]
     cells = req.plan(PARADIGMS[:1], backbones=[backbone], seeds=[seed])
-    clean = req.runner.splits(cells[0].dataset).train
+    clean = req.executor.splits(cells[0].dataset).train
     picks = [int(torch.nonzero(clean.labels == c)[0]) for c in range(clean.num_classes)
              if bool((clean.labels == c).any())][:GALLERY_IMAGES]
     rows, numbers = [], []
     for cell in cells:  # the protected sets only (cached by data set, defense and seed), no victim training
-        protected, _, _ = req.runner.protected(cell)
+        protected, _, _ = req.executor.protected(cell)
         q = perturbation_quality(clean.images, protected.images)
         numbers.append({"defense": cell.defense.label, "seed": seed, "images": len(clean), "linf_255": q["linf"],
                         "l2_mean": q["l2_mean"], "l0_mean": q["l0_mean"], "psnr_db": q["psnr"], "ssim": q["ssim"]})
@@ -198,6 +198,6 @@ def reproduce(name: str, preset: Preset, *, out_dir: str | Path, device: torch.d
 
     if name not in FIGURES:
         raise UEBenchError(f"unknown figure {name!r}; valid figures: {', '.join(sorted(FIGURES))}")
-    runner = Runner(out_dir, device=device, cache_dir=cache_dir, progress=progress)
-    req = Request(preset, runner, Path(out_dir), defenses, backbones, seeds)
+    executor = LocalExecutor(cache_dir or Path(out_dir) / "cache", device=device, progress=progress)
+    req = Request(preset, executor, Path(out_dir), defenses, backbones, seeds)
     return FIGURES[name].make(req)

@@ -27,7 +27,6 @@ import numpy as np
 import pandas as pd
 
 from benchmark.plugins import Certificate
-from benchmark.shapes import SHAPE_CLASSES
 from benchmark.store import Store
 
 log = logging.getLogger(__name__)
@@ -38,10 +37,9 @@ CELL_KEYS = ["attack", "backbone", "seed"]
 CELL_COLUMNS = ["group", "preset", "dataset", "num_classes", "defense", "defense_name", "attack", "attack_name",
                 "k", "backbone", "seed", "status", "accuracy", "clean_accuracy", "train_accuracy", "seconds",
                 "error", "key", "defense_config", "attack_config", "dataset_config", "perturbation",
-                "environment"]
+                "environment", "metadata"]
 METADATA_FIELDS = ("title", "paper", "venue", "year", "authors", "norm", "budget", "granularity",
                    "interpretation", "version")
-KNOWN_NUM_CLASSES = {"shapes": len(SHAPE_CLASSES), "fashion-mnist": 10, "cifar10": 10, "cifar100": 100, "svhn": 10}
 ARXIV_ID = re.compile(r"^\d{4}\.\d{4,5}(v\d+)?$")
 
 
@@ -101,24 +99,6 @@ def budget_text(norm: str, budget: float | None) -> str:
     return f"{budget:.4g}"
 
 
-def defense_metadata(name: str, config: Mapping[str, Any]) -> dict[str, Any] | None:
-    """Metadata of a registered defense configured as in ``config``; ``None`` when it is not loaded."""
-    from benchmark.config import build
-    from benchmark.errors import UEBenchError
-    from benchmark.registry import DEFENSES
-
-    if name not in DEFENSES:
-        return None
-    cls = DEFENSES.get(name)
-    fields = {k: v for k, v in config.items() if k not in ("name", "version")}
-    try:
-        plugin = build(cls, fields, f"defense {name!r}")
-    except UEBenchError as exc:
-        log.warning("cannot rebuild defense %r from its stored config (%s); using its defaults", name, exc)
-        plugin = cls()
-    return {k: v for k, v in plugin.metadata().items() if k in METADATA_FIELDS}
-
-
 def empty_metadata() -> dict[str, Any]:
     return {"title": "", "paper": "", "venue": "", "year": 0, "authors": "", "norm": "none", "budget": float("nan"),
             "granularity": "none", "interpretation": False, "version": 0}
@@ -126,22 +106,22 @@ def empty_metadata() -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------ cells
 
-def num_classes(dataset: str, metrics: Mapping[str, Any] | None = None) -> float:
-    """The number of classes of a data set: reported by the cell, else known by name, else NaN."""
+def num_classes(metrics: Mapping[str, Any] | None) -> float:
+    """The number of classes a cell recorded (``metrics["num_classes"]``), else NaN."""
     if metrics and metrics.get("num_classes"):
         return float(metrics["num_classes"])
-    return float(KNOWN_NUM_CLASSES.get(dataset, float("nan")))
+    return float("nan")
 
 
-def group_names(pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], str]:
-    """Folder name of each (preset, data set): the preset, plus the data set when it is not the preset's own."""
-    from benchmark.presets import PRESETS
-
+def group_names(pairs: Sequence[tuple[str, str]],
+                own_datasets: Mapping[str, str] | None = None) -> dict[tuple[str, str], str]:
+    """Folder name of each (preset, data set): the preset, plus the data set when it is not the preset's own
+    (``own_datasets``: preset -> its data set, for the presets whose data set is known)."""
+    own_datasets = own_datasets or {}
     out = {}
     for preset, dataset in pairs:
         n_datasets = len({d for p, d in pairs if p == preset})
-        builtin = PRESETS.get(preset)
-        own = (builtin is None or builtin.dataset.name == dataset) and n_datasets == 1
+        own = own_datasets.get(preset, dataset) == dataset and n_datasets == 1
         out[(preset, dataset)] = slug(preset if own else f"{preset}-{dataset}")
     return out
 
@@ -151,9 +131,12 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", text).strip("_.") or "_"
 
 
-def cells_from_store(store: Store, keys: Sequence[str] | None = None) -> pd.DataFrame:
+def cells_from_store(store: Store, keys: Sequence[str] | None = None,
+                     own_datasets: Mapping[str, str] | None = None) -> pd.DataFrame:
     """One row per cell (CELL_COLUMNS). When a label was run twice (e.g. after a protocol change) the
-    latest row counts. The clean reference comes from the same preset, data set, attack, backbone, seed."""
+    latest row counts. The clean reference comes from the same preset, data set, attack, backbone, seed.
+    ``metadata`` is what the cell recorded of its plugins and preset (empty for older records); a cell
+    without a class count (an older failed cell) takes that of its data set's other cells."""
     df = store.frame()
     if keys is not None:
         df = df[df["key"].isin(set(keys))]
@@ -161,12 +144,12 @@ def cells_from_store(store: Store, keys: Sequence[str] | None = None) -> pd.Data
         return pd.DataFrame(columns=CELL_COLUMNS)
     ident = ["preset", "dataset", "defense", "attack", "backbone", "seed"]
     df = df.sort_values("finished_at").drop_duplicates(ident, keep="last").reset_index(drop=True)
-    groups = group_names(sorted(set(zip(df["preset"], df["dataset"]))))
+    groups = group_names(sorted(set(zip(df["preset"], df["dataset"]))), own_datasets)
     attack_cfg = df["config"].map(lambda c: c.get("attack", {}))
     out = pd.DataFrame({
         "group": [groups[(p, d)] for p, d in zip(df["preset"], df["dataset"])],
         "preset": df["preset"], "dataset": df["dataset"],
-        "num_classes": [num_classes(d, m) for d, m in zip(df["dataset"], df["metrics"])],
+        "num_classes": [num_classes(m) for m in df["metrics"]],
         "defense": df["defense"], "defense_name": df["config"].map(lambda c: c.get("defense", {}).get("name", "")),
         "attack": df["attack"], "attack_name": attack_cfg.map(lambda c: c.get("name", "")),
         "k": attack_cfg.map(lambda c: float(c["k"]) if "k" in c else float("nan")),
@@ -178,7 +161,10 @@ def cells_from_store(store: Store, keys: Sequence[str] | None = None) -> pd.Data
         "dataset_config": df["config"].map(lambda c: c.get("dataset", {})),
         "perturbation": df["metrics"].map(lambda m: (m or {}).get("perturbation", {})),
         "environment": df["environment"],
+        "metadata": df["metrics"].map(lambda m: (m or {}).get("metadata") or {}),
     })
+    known = out.dropna(subset=["num_classes"]).drop_duplicates("dataset").set_index("dataset")["num_classes"]
+    out["num_classes"] = out["num_classes"].fillna(out["dataset"].map(known))
     return attach_clean_reference(out)
 
 
@@ -234,7 +220,7 @@ def score(cells: pd.DataFrame, *, grid: pd.DataFrame | None = None,
           metadata: Mapping[tuple[str, str], Mapping[str, Any]] | None = None,
           presets: Mapping[str, Mapping[str, Any]] | None = None) -> Leaderboard:
     """Build the leaderboard. ``grid`` adds expected cells (e.g. a preset's plan) to those present;
-    ``metadata`` maps (group, defense label) to plugin metadata (registry or entries)."""
+    ``metadata`` maps (group, defense label) to plugin metadata (recorded with the cells, or entries)."""
     cells = cells.reset_index(drop=True)
     grid = expected_grid(cells, grid)
     agg = aggregate(cells)

@@ -28,9 +28,10 @@ from benchmark.data import balanced_subset
 from benchmark.errors import UEBenchError
 from benchmark.plugins import GRANULARITIES, NORMS, Certificate, Defense
 from benchmark.presets import Preset
+from benchmark.execute import LocalExecutor, run_grid
+from benchmark.plan import plan
 from benchmark.registry import ATTACKS, DEFENSES, load_plugin_file
-from benchmark.runner import Runner, plan
-from leaderboard.cli import Published, board_from_store, plan_grid, preset_info, publish
+from leaderboard.build import Published, cells_board, plan_grid, publish
 from leaderboard.entries import entry_path, load_entries, read_entry, write_entries
 from leaderboard.scores import ARXIV_ID
 from leaderboard.tables import markdown, ranking_frame
@@ -136,19 +137,19 @@ def check_metadata(cls: type[Defense], path: str | Path = "") -> Defense:
     return plugin
 
 
-def trial(runner: Runner, cells: list, label: str, path: str | Path) -> dict[int, dict[str, Any]]:
+def trial(executor: LocalExecutor, cells: list, label: str, path: str | Path) -> dict[int, dict[str, Any]]:
     """``perturb`` on a few images, then the full protected set of each seed (the engine checks both);
     returns the protected sets' meta (size, visibility, certificate) by seed."""
     mine = [c for c in cells if c.defense.label == label]
     first = mine[0]
-    splits = runner.splits(first.dataset)
+    splits = executor.splits(first.dataset)
     few, _ = balanced_subset(splits.train, min(len(splits.train), TRIAL_PER_CLASS * splits.train.num_classes),
                              first.seed)
-    ctx = runner.context(first, splits)
+    ctx = executor.context(first)
     steps = [("a trial on a few images", None, lambda: first.defense.plugin.perturb(few, ctx))]
     for seed in sorted({c.seed for c in mine}):
         cell = next(c for c in mine if c.seed == seed)
-        steps.append((f"the full training set (seed {seed})", seed, lambda cell=cell: runner.protected(cell)))
+        steps.append((f"the full training set (seed {seed})", seed, lambda cell=cell: executor.protected(cell)))
     metas: dict[int, dict[str, Any]] = {}
     for what, seed, step in steps:
         try:
@@ -176,15 +177,14 @@ def submit(path: str | Path, preset: Preset, *, out_dir: str | Path, entries_dir
         if existing.is_file() and read_entry(existing).get("title") != cls.title:
             raise _fail(path, f"the name {cls.name!r} is taken by the entry {existing} "
                               f"({read_entry(existing).get('title')!r}); register your defense under another name")
-        runner = Runner(out_dir, device=device, cache_dir=cache_dir, progress=progress)
-        certificates = certificate_lines(cls.name, label, trial(runner, cells, label, path))
-        summary = runner.run(cells)
+        executor = LocalExecutor(cache_dir or Path(out_dir) / "cache", device=device, progress=progress)
+        certificates = certificate_lines(cls.name, label, trial(executor, cells, label, path))
+        summary = run_grid(cells, out_dir, executor)
         if summary.failed:
             lines = [f"{r.defense} / {r.attack} / {r.backbone} / seed {r.seed}: {r.error}" for r in summary.failed]
             raise UEBenchError(f"{len(lines)} cell(s) failed; no entry written (rerun to retry them):\n  "
                                + "\n  ".join(lines))
-        board = board_from_store(out_dir, keys=[c.key for c in cells], grid=plan_grid(cells),
-                                 presets={preset.name: preset_info(preset)}, metadata_fallback=None)
+        board = cells_board(out_dir, cells, metadata_fallback=None)
         reference = [] if entry_path(Path(entries_dir), group, "clean").is_file() else ["clean"]
         write_entries(board, entries_dir, defenses=[label, *reference])
         entry = entry_path(Path(entries_dir), group, label)

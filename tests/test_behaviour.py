@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from benchmark.presets import preset_from_dict
-from benchmark.runner import Runner, plan
+from benchmark.execute import LocalExecutor, run_grid
+from benchmark.plan import plan
 
 FIXTURE = Path(__file__).parent / "fixtures" / "behaviour"
 GRID = {
@@ -51,7 +52,8 @@ def grid_output(tmp_path_factory) -> Path:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # float sums depend on the thread count; one thread gives the same bytes everywhere
     try:
-        summary = Runner(out, device=torch.device("cpu"), progress=False).run(plan(preset_from_dict(dict(GRID))))
+        executor = LocalExecutor(out / "cache", device=torch.device("cpu"), progress=False)
+        summary = run_grid(plan(preset_from_dict(dict(GRID))), out, executor)
     finally:
         torch.set_num_threads(threads)
     assert not summary.failed, [r.error for r in summary.failed]

@@ -78,7 +78,7 @@ def test_readme_preset_example_is_a_valid_preset(tmp_path):
     import re
     from pathlib import Path
 
-    from benchmark.runner import plan
+    from benchmark.plan import plan
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     blocks = re.findall(r"```toml\n(.*?)```", readme, re.S)

@@ -18,7 +18,8 @@ from benchmark.errors import UEBenchError
 from benchmark.plugins import Certificate, Context, Defense, Protected, perturbation_stats
 from benchmark.presets import preset_from_dict
 from benchmark.registry import DEFENSES
-from benchmark.runner import Runner, plan
+from benchmark.execute import LocalExecutor
+from benchmark.plan import plan
 from defenses._common import pgd, round_l2, round_linf
 from defenses.ar import AutoregressivePerturbation, ar_signal, matching_filter, response
 from defenses.cuda import class_filters
@@ -139,14 +140,14 @@ def test_classwise(spec, gray, ctx):
 
 @pytest.mark.parametrize("spec", SPECS)
 def test_cached_protected_set_is_reused(spec, tmp_path, monkeypatch):
-    """The runner builds a protected set once; a new run (fresh process memory) loads it from disk."""
+    """The executor builds a protected set once; a new run (fresh process memory) loads it from disk."""
     preset = preset_from_dict({"extends": "quick", "name": "tiny", "defenses": [tiny_spec(spec)],
                                "attacks": ["scratch"], "backbones": ["resnet_tiny"],
                                "dataset": {"train_size": 40, "test_size": 20, "source_size": 40},
                                "zoo": {"supervised": {"epochs": 1, "batch_size": 16}}})
     name = DEFENSES.get(spec.split(":")[0]).name
     cell = next(c for c in plan(preset) if c.defense.name == name)  # not the clean cell the plan adds first
-    first, meta, _ = Runner(tmp_path, device=torch.device("cpu"), progress=False).protected(cell)
+    first, meta, _ = LocalExecutor(tmp_path / "cache", device=torch.device("cpu"), progress=False).protected(cell)
     assert {"linf", "l2_mean", "psnr", "ssim", "seconds", "certificate"} <= set(meta), f"{spec}: missing from {meta}"
     assert (meta["certificate"] is None) == (spec in NO_CERTIFICATE), f"{spec}: certificate {meta['certificate']}"
 
@@ -154,7 +155,8 @@ def test_cached_protected_set_is_reused(spec, tmp_path, monkeypatch):
         raise AssertionError(f"{spec}: the cached protected set was generated again")
 
     monkeypatch.setattr(type(cell.defense.plugin), "perturb", refuse)
-    again, meta_again, seconds = Runner(tmp_path, device=torch.device("cpu"), progress=False).protected(cell)
+    again, meta_again, seconds = LocalExecutor(tmp_path / "cache", device=torch.device("cpu"),
+                                               progress=False).protected(cell)
     assert torch.equal(first.images, again.images) and seconds == 0.0, f"{spec}: reloaded set differs"
     assert meta_again["certificate"] == meta["certificate"], f"{spec}: the cached certificate changed"
 

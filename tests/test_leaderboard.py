@@ -17,7 +17,7 @@ from benchmark.config import configure
 from benchmark.plugins import Check, certificate
 from benchmark.registry import DEFENSES
 from benchmark.store import CellRecord, Store
-from leaderboard.cli import board_from_store
+from leaderboard.build import board_from_store
 from leaderboard.entries import ENTRIES_DIR, load_entries, make_entries, read_entry, store_metadata, write_entries
 from leaderboard.plots import write_plots
 from leaderboard.scores import cells_from_store, protection, score
@@ -31,17 +31,22 @@ ATTACK_CONFIGS = {"scratch": {"name": "scratch"}, "linear_probe": {"name": "line
 
 def record(defense: str, attack: str, backbone: str, seed: int, acc: float | None, *, status: str = "ok",
            preset: str = "t", dataset: str = "shapes", name: str | None = None, t: float = 0.0,
-           cert: dict | None = None) -> CellRecord:
-    """A cell as the runner would store it; ``name`` is the registered defense behind the label, ``cert``
-    the certificate of its protected set (``Certificate.to_dict()``)."""
+           cert: dict | None = None, metadata: dict | None = None) -> CellRecord:
+    """A cell as the executor would record it; ``name`` is the registered defense behind the label, ``cert``
+    the certificate of its protected set (``Certificate.to_dict()``), ``metadata`` the defense's metadata
+    (default: the registered defense's)."""
     name = name or defense.split("(")[0]
+    if metadata is None and name in DEFENSES:
+        metadata = DEFENSES.get(name)().metadata()
     config = {"defense": {"name": name, "version": 1}, "attack": ATTACK_CONFIGS.get(attack, {"name": attack}),
               "dataset": {"name": dataset, "train_size": 40}, "seed": seed}
     key = f"{preset}|{dataset}|{defense}|{attack}|{backbone}|{seed}|{t}"
     return CellRecord(key=key, preset=preset, dataset=dataset, defense=defense, attack=attack, backbone=backbone,
                       seed=seed, status=status, accuracy=acc if status == "ok" else None, train_accuracy=50.0,
                       seconds=1.0, defense_seconds=0.0, peak_memory_mb=1.0, error=None if status == "ok" else "boom",
-                      config=config, metrics={"perturbation": {"linf": 8.0, "certificate": cert}},
+                      config=config, metrics={"perturbation": {"linf": 8.0, "certificate": cert},
+                                              "metadata": {"defense": metadata} if metadata else {},
+                                              "num_classes": 10},
                       environment={"torch": "x"},
                       started_at=t, finished_at=t + 1)
 
@@ -253,8 +258,9 @@ def test_incomplete_grid_survives_the_entries(tmp_path):
 
 @pytest.mark.parametrize("name", DEFENSES.names())
 def test_every_registered_defense_makes_a_typed_entry(tmp_path, name):
-    cfg = configure(DEFENSES, name).config()
-    rec = record(name, "scratch", "b1", 0, 42.0)
+    configured = configure(DEFENSES, name)
+    cfg = configured.config()
+    rec = record(name, "scratch", "b1", 0, 42.0, metadata=configured.plugin.metadata())
     rec = CellRecord(**{**rec.__dict__, "config": {**rec.config, "defense": cfg}})
     with Store(tmp_path / "results.sqlite") as store:
         store.put(rec)
@@ -265,6 +271,42 @@ def test_every_registered_defense_makes_a_typed_entry(tmp_path, name):
     assert entry["title"], f"defense {name!r} has no title for the leaderboard"
     assert entry["threat_model"]["norm"] in ("linf", "l2", "l0", "none"), f"{name}: bad norm"
     assert isinstance(entry["year"], int), f"{name}: year must be an int, got {entry['year']!r}"
+
+
+GHOST = {"name": "ghost_ue", "title": "Ghost perturbations", "paper": "2101.04898", "venue": "ICLR", "year": 2021,
+         "authors": "A. Nobody", "interpretation": False, "version": 3, "norm": "linf", "budget": 4 / 255,
+         "granularity": "sample"}
+
+
+def test_the_board_needs_no_registered_plugin(tmp_path):
+    """Metadata and class counts come from the records: a defense that is not loaded still shows them."""
+    assert "ghost_ue" not in DEFENSES, "the test needs a defense name that is not registered"
+    extra = []
+    for (d, a, b), acc in GRID.items():
+        label = d.replace("random_noise", "ghost_ue")
+        rec = record(label, a, b, 0, acc, dataset="unseen-data", metadata=None if label == "clean" else GHOST)
+        extra.append(CellRecord(**{**rec.__dict__, "metrics": {**rec.metrics, "num_classes": 7}}))
+    make_store(tmp_path, rows={}, extra=extra)
+    board = board_from_store(tmp_path, presets={}, metadata_fallback=None)
+    ghost = row(board, "ghost_ue")
+    assert (ghost["title"], ghost["paper"], ghost["year"]) == ("Ghost perturbations", "2101.04898", 2021), \
+        f"the recorded metadata must reach the scores: {ghost[['title', 'paper', 'year']].to_dict()}"
+    assert ghost["budget"] == pytest.approx(4 / 255) and ghost["norm"] == "linf", "the recorded budget must show"
+    assert ghost["chance"] == pytest.approx(100 / 7), f"the recorded class count must give chance, got {ghost['chance']}"
+    assert "4/255" in markdown(ranking_frame(board)), "the table must show the recorded budget"
+
+
+def test_records_without_metadata_take_it_from_the_entries(tmp_path):
+    """Records written before cells carried metadata: the committed entry of the same label fills in."""
+    board = board_of(make_store(tmp_path / "old"))
+    write_entries(board, tmp_path / "entries")
+    rows = [record(d, a, b, 0, acc, metadata={}) for (d, a, b), acc in GRID.items()]
+    store_dir = make_store(tmp_path / "new", rows={}, extra=rows)
+    old = board_from_store(store_dir, presets={}, metadata_fallback=tmp_path / "entries")
+    assert row(old, "random_noise")["title"] == row(board, "random_noise")["title"] != "", \
+        "metadata must come from the entries when the records have none"
+    bare = board_from_store(store_dir, presets={}, metadata_fallback=None)
+    assert row(bare, "random_noise")["title"] == "", "without records or entries there is no metadata to show"
 
 
 def test_markdown_and_latex_escape(tmp_path):

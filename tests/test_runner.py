@@ -1,4 +1,5 @@
-"""The runner end to end: results, reuse, resume after SIGKILL, failing cells, caches, certificates."""
+"""Planning, executing and reporting end to end: results, reuse, resume after SIGKILL, failing cells, caches,
+certificates, the metadata each record carries."""
 
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ from benchmark.cache import load_verified, save_atomic
 from benchmark.presets import preset_from_dict
 from benchmark.plugins import Attack
 from benchmark.registry import ATTACKS
-from benchmark.runner import Runner, plan, zoo_part
-from leaderboard.cli import board_from_store
+from benchmark.execute import LocalExecutor, RunSummary, run_grid
+from benchmark.plan import Cell, plan, zoo_recipe
+from leaderboard.build import board_from_store
 from leaderboard.entries import entry_path, load_entries, read_entry, write_entries
 from leaderboard.tables import markdown, ranking_frame
 
@@ -50,14 +52,18 @@ batch_size = 16
 """
 
 
-def _runner(tmp_path) -> Runner:
-    return Runner(tmp_path / "out", device=torch.device("cpu"), progress=False)
+def _executor(tmp_path) -> LocalExecutor:
+    return LocalExecutor(tmp_path / "out" / "cache", device=torch.device("cpu"), progress=False)
+
+
+def _run(tmp_path, cells: list[Cell], executor: LocalExecutor | None = None) -> RunSummary:
+    return run_grid(cells, tmp_path / "out", executor or _executor(tmp_path))
 
 
 def test_end_to_end_and_reuse(tmp_path):
     cells = plan(preset_from_dict(dict(TINY)))
     assert len(cells) == 3, [c.describe() for c in cells]
-    summary = _runner(tmp_path).run(cells)
+    summary = _run(tmp_path, cells)
     assert len(summary.ran) == 3 and not summary.failed, [r.error for r in summary.failed]
     df = pd.read_csv(tmp_path / "out" / "results.csv")
     assert list(df["status"]) == ["ok"] * 3, df
@@ -70,16 +76,23 @@ def test_end_to_end_and_reuse(tmp_path):
     noisy = pert.loc["random_noise"]
     assert 0 < noisy["linf_255"] <= 8 and 0 < noisy["l2_mean"] and 20 < noisy["psnr_db"] < 60, noisy
     assert 0.5 < noisy["ssim"] < 1 and noisy["generation_seconds"] >= 0, noisy
-    again = _runner(tmp_path).run(cells)
+    again = _run(tmp_path, cells)
     assert again.skipped == 3 and not again.ran, "a finished cell was recomputed"
     assert len(list((tmp_path / "out" / "cache" / "protected").glob("*.safetensors"))) == 3
+    for rec in summary.ran:  # the leaderboard reads these instead of rebuilding the plugins
+        meta = rec.metrics["metadata"]
+        assert meta["defense"]["title"] and meta["defense"]["norm"] in ("linf", "none"), f"defense metadata: {meta}"
+        assert meta["defense"]["budget"] == (0.0 if rec.defense == "clean" else pytest.approx(8 / 255)), meta
+        assert meta["attack"]["title"] == "Training from scratch", f"attack metadata: {meta['attack']}"
+        assert meta["preset"]["description"] == plan(preset_from_dict(dict(TINY)))[0].preset_info.description, meta
+        assert rec.metrics["num_classes"] == 10, f"class count: {rec.metrics.get('num_classes')}"
 
 
 def test_changed_field_recomputes_only_that_cell(tmp_path):
-    runner = _runner(tmp_path)
-    runner.run(plan(preset_from_dict(dict(TINY))))
+    executor = _executor(tmp_path)
+    _run(tmp_path, plan(preset_from_dict(dict(TINY))), executor)
     changed = dict(TINY, defenses=["clean", "random_noise:eps=4/255"])
-    summary = runner.run(plan(preset_from_dict(changed)))
+    summary = _run(tmp_path, plan(preset_from_dict(changed)), executor)
     assert [r.defense for r in summary.ran] == ["random_noise(eps=0.0156863)"], [r.defense for r in summary.ran]
 
 
@@ -94,8 +107,30 @@ def test_a_zoo_recipe_change_reruns_only_the_cells_that_use_it():
     assert all(keys[k] != sup[k] for k in keys), "cells that may use the supervised zoo must be rerun"
     cell = plan(preset_from_dict(dict(base)))[-1]
     other = plan(preset_from_dict(dict(base, zoo={"supervised": {"epochs": 1}})))[-1]
-    assert zoo_part(cell.zoo, cell.defense.config()) != zoo_part(other.zoo, other.defense.config()), \
+    assert zoo_recipe(cell.zoo, cell.defense) != zoo_recipe(other.zoo, other.defense), \
         "a protected set made with a pretrained surrogate must depend on the supervised recipe"
+
+
+def test_zoo_keys_follow_the_declared_sources_not_config_values():
+    """An ``sf`` value in a config does not tie a cell to the sf recipe; a declared ``sf`` source does."""
+    @dataclass(frozen=True)
+    class Noted(Attack):
+        note: str = "sf"  # a value that happens to read "sf"
+        title = "declares no zoo source"
+
+        def zoo_sources(self) -> frozenset[str]:
+            return frozenset()
+
+    ATTACKS.register("noted")(Noted)
+    try:
+        base = dict(TINY, defenses=["clean", "em:surrogate=sf", "ssc:surrogate_weights=sf"], attacks=["noted"])
+        keys = {c.describe(): c.key for c in plan(preset_from_dict(dict(base)))}
+        sf = {c.describe(): c.key for c in plan(preset_from_dict(dict(base, zoo={"sf": {"epochs": 1}})))}
+    finally:
+        ATTACKS.unregister("noted")
+    changed = sorted(k.split(" / ")[0] for k in keys if keys[k] != sf[k])
+    assert changed == ["em(surrogate=sf)", "ssc(surrogate_weights=sf)"], \
+        f"only the cells of plugins that declare sf must depend on the sf recipe, changed: {changed}"
 
 
 def test_failing_cell_is_recorded_and_others_go_on(tmp_path):
@@ -108,7 +143,7 @@ def test_failing_cell_is_recorded_and_others_go_on(tmp_path):
 
     ATTACKS.register("exploding")(Exploding)
     try:
-        summary = _runner(tmp_path).run(plan(preset_from_dict(dict(TINY, attacks=["scratch", "exploding"]))))
+        summary = _run(tmp_path, plan(preset_from_dict(dict(TINY, attacks=["scratch", "exploding"]))))
     finally:
         ATTACKS.unregister("exploding")
     failed = [r for r in summary.ran if r.status == "failed"]
@@ -118,13 +153,12 @@ def test_failing_cell_is_recorded_and_others_go_on(tmp_path):
 
 def test_corrupt_protected_cache_is_rebuilt(tmp_path, caplog):
     cells = plan(preset_from_dict(dict(TINY, defenses=["random_noise"])))
-    runner = _runner(tmp_path)
-    runner.run(cells)
+    _run(tmp_path, cells)
     for target in (tmp_path / "out" / "cache" / "protected").glob("*.safetensors"):  # clean's and the defense's
         data = bytearray(target.read_bytes())
         data[-10:] = b"\xff" * 10
         target.write_bytes(bytes(data))
-    fresh = _runner(tmp_path)
+    fresh = _executor(tmp_path)
     img, _, _ = fresh.protected(cells[-1])
     assert "corrupt" in caplog.text, "a corrupt cache entry must be reported"
     assert img.images.dtype == torch.uint8 and len(img) == 60
@@ -137,8 +171,8 @@ ERASED = "random_noise:mode=class,eps=0.5/255"
 def test_a_failed_certificate_is_recorded_and_the_cell_still_counts(tmp_path, caplog):
     cells = plan(preset_from_dict(dict(TINY, defenses=["clean", "random_noise:mode=class", ERASED])))
     erased = next(c for c in cells if "eps" in c.defense.label).defense.label
-    with caplog.at_level(logging.INFO, logger="benchmark.runner"):
-        summary = _runner(tmp_path).run(cells)
+    with caplog.at_level(logging.INFO, logger="benchmark.execute"):
+        summary = _run(tmp_path, cells)
     assert [r.status for r in summary.ran] == ["ok"] * 3, f"a failed certificate must not fail a cell: {summary.ran}"
     certs = {r.defense: r.metrics["perturbation"]["certificate"] for r in summary.ran}
     assert certs["clean"] is None, f"clean has no certificate, stored {certs['clean']}"
@@ -176,12 +210,12 @@ def test_a_failed_certificate_is_recorded_and_the_cell_still_counts(tmp_path, ca
 def test_a_protected_set_cached_before_certificates_is_built_again(tmp_path):
     cells = plan(preset_from_dict(dict(TINY, defenses=["random_noise:mode=class"])))
     cell = cells[-1]
-    _runner(tmp_path).protected(cell)
+    _executor(tmp_path).protected(cell)
     (path,) = [p for p in (tmp_path / "out" / "cache" / "protected").glob("*.safetensors")
                if load_verified(p)[1]["defense"] == cell.defense.label]
     tensors, meta = load_verified(path)
     save_atomic(path, tensors, {k: v for k, v in meta.items() if k != "certificate"})  # as an older version wrote it
-    _, rebuilt, seconds = _runner(tmp_path).protected(cell)
+    _, rebuilt, seconds = _executor(tmp_path).protected(cell)
     assert seconds > 0 and rebuilt["certificate"] == meta["certificate"], \
         f"a cached set without a certificate must be generated again (took {seconds}s, meta {rebuilt})"
     assert "certificate" in load_verified(path)[1], "the rebuilt set must replace the old cache entry"

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from benchmark.store import Store
-from leaderboard.cli import publish
+from leaderboard.build import publish
 from leaderboard.scores import cells_from_store, score
 from tests.test_leaderboard import GRID, record
 

@@ -12,7 +12,8 @@ import run_benchmark
 from benchmark.errors import UEBenchError
 from benchmark.presets import load_preset
 from benchmark.registry import ATTACKS, DEFENSES, load_plugin_file
-from benchmark.runner import Runner, plan
+from benchmark.execute import LocalExecutor, run_grid
+from benchmark.plan import plan
 from benchmark.store import Store
 from leaderboard.entries import read_entry
 from leaderboard.submit import certificate_lines, submit
@@ -120,8 +121,8 @@ def clean_results(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("clean")
     (root / "tiny.toml").write_text(PRESET)
     out = root / "res"
-    Runner(out, device=torch.device("cpu"), progress=False).run(plan(load_preset(str(root / "tiny.toml")),
-                                                                     defenses=["clean"]))
+    run_grid(plan(load_preset(str(root / "tiny.toml")), defenses=["clean"]), out,
+             LocalExecutor(out / "cache", device=torch.device("cpu"), progress=False))
     return out
 
 

@@ -1,0 +1,228 @@
+"""Execution: an ``Executor`` turns planned cells into ``CellRecord``s; the driver writes them.
+
+``Executor`` is the seam: ``LocalExecutor`` runs cells one at a time in this process; another
+executor (e.g. one task per cell on a cluster) is a new class with the same ``run``. Executors never
+touch the store: ``run_grid``, the driver, skips finished keys, writes each record as it arrives
+(one transaction per cell, so a killed run resumes), then the CSVs. One failing cell is recorded as
+failed and the others go on. Protected data sets are cached by (data set, defense config, seed) and
+shared by every attack and backbone.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import resource
+import subprocess
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator, Protocol, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from benchmark import __version__
+from benchmark.cache import Cache
+from benchmark.config import stable_hash
+from benchmark.data import DatasetConfig, ImageSet, Splits, load_dataset
+from benchmark.errors import UEBenchError
+from benchmark.metrics import perturbation_quality
+from benchmark.plan import Cell
+from benchmark.plugins import Certificate, Context, perturbation_stats
+from benchmark.report import write_reports
+from benchmark.store import CellRecord, Store
+from benchmark.training import evaluate
+from benchmark.zoo import PretrainConfig, Zoo
+
+log = logging.getLogger(__name__)
+
+
+class Executor(Protocol):
+    """Runs cells and returns their records; it never writes the store (the driver does)."""
+
+    def run(self, cells: Sequence[Cell]) -> Iterator[CellRecord]:
+        """One record per cell (ok or failed), yielded as each cell finishes, in any order."""
+        ...
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    import timm
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    return {"uebench": __version__, "torch": torch.__version__, "timm": timm.__version__,
+            "python": platform.python_version(), "platform": platform.platform(), "device": str(device),
+            "git_commit": commit, "threads": torch.get_num_threads()}
+
+
+def cell_metadata(cell: Cell) -> dict[str, Any]:
+    """What the leaderboard shows of a cell's plugins and preset, recorded when the cell runs."""
+    return {"defense": cell.defense.plugin.metadata(), "attack": cell.attack.plugin.metadata(),
+            "preset": cell.preset_info.to_dict()}
+
+
+class LocalExecutor:
+    """Runs cells in this process, one at a time; data sets, zoos and protected sets are built once."""
+
+    def __init__(self, cache_dir: str | Path, *, device: torch.device, progress: bool = True) -> None:
+        self.device = device
+        self.cache = Cache(cache_dir)
+        self.progress = progress
+        self._splits: dict[str, Splits] = {}
+        self._zoos: dict[tuple[str, PretrainConfig], Zoo] = {}
+        self._protected: dict[str, tuple[ImageSet, dict, float]] = {}
+        self._env = environment(device)
+
+    def splits(self, cfg: DatasetConfig) -> Splits:
+        key = stable_hash(cfg.key())
+        if key not in self._splits:
+            log.info("loading data set %s", cfg.name)
+            self._splits[key] = load_dataset(cfg)
+        return self._splits[key]
+
+    def zoo(self, cell: Cell) -> Zoo:
+        """The zoo of the cell's data set and recipe (one per data set and recipe)."""
+        key = (stable_hash(cell.dataset.key()), cell.zoo)
+        if key not in self._zoos:
+            splits = self.splits(cell.dataset)
+            self._zoos[key] = Zoo(self.cache.root, pool=splits.source,
+                                  pool_key={**cell.dataset.key(), "split": "source"}, config=cell.zoo,
+                                  device=self.device, progress=self.progress)
+        return self._zoos[key]
+
+    def context(self, cell: Cell) -> Context:
+        splits = self.splits(cell.dataset)
+        return Context(device=self.device, seed=cell.seed, cache_dir=self.cache.root, progress=self.progress,
+                       dataset_key=cell.dataset.key(), source=splits.source, zoo=self.zoo(cell))
+
+    def protected(self, cell: Cell) -> tuple[ImageSet, dict, float]:
+        """The protected training set of a cell (memory, then disk cache, then the defense)."""
+        key = cell.protected_key()
+        if key in self._protected:
+            img, meta, _ = self._protected[key]
+            return img, meta, 0.0
+        train = self.splits(cell.dataset).train
+        ctx = self.context(cell)
+        seconds = 0.0
+
+        def build() -> tuple[dict[str, torch.Tensor], dict]:
+            nonlocal seconds
+            start = time.perf_counter()
+            result = cell.defense.plugin.perturb(train, ctx)
+            seconds = time.perf_counter() - start
+            out, cert = result.data, result.certificate
+            stats = perturbation_stats(train.images, out.images)
+            meta = {"defense": cell.defense.label, "seconds": seconds, **asdict(stats),
+                    **visibility(train.images, out.images),
+                    "certificate": None if cert is None else cert.to_dict()}
+            return {"images": out.images, "labels": out.labels}, meta
+
+        # a set cached before certificates existed is generated again: its certificate cannot be measured later
+        tensors, meta, hit = self.cache.get_or_build("protected", key, build, accept=lambda m: "certificate" in m)
+        if not torch.equal(tensors["labels"], train.labels) or tensors["images"].shape != train.images.shape:
+            raise UEBenchError(f"cached protected set {key} does not match the data set; delete it")
+        log_certificate(cell.defense.label, cell.seed, meta["certificate"])
+        img = train.with_images(tensors["images"], name=f"{train.name}+{cell.defense.label}")
+        self._protected = {key: (img, meta, seconds)}  # keep one in memory: cells are ordered by defense
+        return img, meta, seconds
+
+    def run_cell(self, cell: Cell) -> CellRecord:
+        started = time.time()
+        start = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        status, acc, train_acc, error, defense_seconds = "ok", None, None, None, None
+        metrics: dict[str, Any] = {}
+        try:
+            metrics["metadata"] = cell_metadata(cell)
+            splits = self.splits(cell.dataset)
+            metrics["num_classes"] = splits.train.num_classes
+            protected, meta, defense_seconds = self.protected(cell)
+            fitted = cell.attack.plugin.fit(protected, cell.backbone, self.context(cell))
+            acc = evaluate(fitted.model, splits.test.images, splits.test.labels, self.device)
+            train_acc = fitted.train_accuracy
+            metrics.update(attack={"epochs": fitted.epochs, "trainable_parameters": fitted.trainable_parameters},
+                           perturbation=meta, num_classes=protected.num_classes)
+        except Exception as exc:  # one failing cell must not stop the grid; it is recorded with its error
+            status, error = "failed", f"{type(exc).__name__}: {exc}"
+            log.error("cell %s failed: %s", cell.describe(), error)
+            log.debug("%s", traceback.format_exc())
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS, MiB
+        return CellRecord(
+            key=cell.key, preset=cell.preset, dataset=cell.dataset.name, defense=cell.defense.label,
+            attack=cell.attack.label, backbone=cell.backbone, seed=cell.seed, status=status, accuracy=acc,
+            train_accuracy=train_acc, seconds=time.perf_counter() - start, defense_seconds=defense_seconds,
+            peak_memory_mb=peak, error=error, config=cell.config(), metrics=metrics, environment=self._env,
+            started_at=started, finished_at=time.time())
+
+    def run(self, cells: Sequence[Cell]) -> Iterator[CellRecord]:
+        for cfg in {stable_hash(c.dataset.key()): c.dataset for c in cells}.values():
+            self.splits(cfg)  # a missing or unknown data set is the user's error, not a failed cell
+        bar = tqdm(cells, desc="cells", unit="cell", disable=not self.progress)
+        for cell in bar:
+            bar.set_postfix_str(cell.describe())
+            yield self.run_cell(cell)
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    planned: int
+    skipped: int
+    ran: list[CellRecord]
+    keys: list[str]
+
+    @property
+    def failed(self) -> list[CellRecord]:
+        return [r for r in self.ran if r.status != "ok"]
+
+
+def run_grid(cells: Sequence[Cell], out_dir: str | Path, executor: Executor) -> RunSummary:
+    """Run every cell not already finished in ``OUT/results.sqlite``; write ``results.csv`` and
+    ``perturbations.csv``. The driver alone writes the store, one record at a time."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    store = Store(out_dir / "results.sqlite")
+    try:
+        done = store.finished_keys()
+        todo = [c for c in cells if c.key not in done]
+        todo.sort(key=lambda c: (c.seed, c.defense.label != "clean"))  # stable: grouped by defense
+        log.info("%d cells planned, %d finished, %d to run", len(cells), len(cells) - len(todo), len(todo))
+        ran: list[CellRecord] = []
+        for rec in executor.run(todo):
+            store.put(rec)
+            ran.append(rec)
+            if rec.status == "ok":
+                log.info("cell %s / %s / %s / seed %d: %.1f%% (train %s) in %.0fs", rec.defense, rec.attack,
+                         rec.backbone, rec.seed, rec.accuracy,
+                         "n/a" if rec.train_accuracy is None else f"{rec.train_accuracy:.1f}%", rec.seconds)
+        write_reports(store, out_dir)
+        return RunSummary(planned=len(cells), skipped=len(cells) - len(todo), ran=ran, keys=[c.key for c in cells])
+    finally:
+        store.close()
+
+
+def log_certificate(defense: str, seed: int, cert: dict[str, Any] | None) -> None:
+    """The verdict of a protected set's certificate, once per protected set (a failure is a warning)."""
+    if cert is None:
+        log.info("%s (seed %d): no certificate (the defense has no objective it reports)", defense, seed)
+        return
+    c = Certificate.from_dict(cert)
+    if c.passed:
+        log.info("%s (seed %d): certificate %s", defense, seed, c.describe())
+    else:
+        log.warning("%s (seed %d): certificate failed: %s; the cells still run and the leaderboard flags it",
+                    defense, seed, c.describe())
+
+
+def visibility(clean: torch.Tensor, protected: torch.Tensor) -> dict[str, float]:
+    """PSNR and SSIM of a protected set (its size is in ``perturbation_stats``)."""
+    quality = perturbation_quality(clean, protected)
+    return {"psnr": quality["psnr"], "ssim": quality["ssim"]}

@@ -1,0 +1,109 @@
+"""Planning: the cross product of cells, their keys and their clean references.
+
+A cell is one (dataset, defense, attack, backbone, seed). Its key is a hash of the fully resolved
+configs plus the protocol version: change any field and the cell is recomputed, change nothing and
+it is reused. The zoo recipe enters a key only through the sources the cell's plugins declare
+(``Plugin.zoo_sources``), never through a search of their config values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Sequence
+
+from benchmark import PROTOCOL_VERSION
+from benchmark.config import Configured, configure, stable_hash
+from benchmark.data import DatasetConfig
+from benchmark.errors import UEBenchError
+from benchmark.models import get_spec
+from benchmark.presets import Preset
+from benchmark.registry import ATTACKS, DEFENSES
+from benchmark.zoo import PretrainConfig, pretrain_config
+
+
+@dataclass(frozen=True)
+class PresetInfo:
+    """What a cell records of its preset, for the leaderboard (not part of any key)."""
+
+    description: str = ""
+    protocol_note: str = ""
+    dataset: str = ""  # the preset's own data set (a run may override it)
+
+    @classmethod
+    def of(cls, preset: Preset) -> PresetInfo:
+        return cls(preset.description, preset.protocol_note, preset.dataset.name)
+
+    def to_dict(self) -> dict[str, str]:
+        return {"description": self.description, "protocol_note": self.protocol_note, "dataset": self.dataset}
+
+
+@dataclass(frozen=True)
+class Cell:
+    preset: str
+    dataset: DatasetConfig
+    defense: Configured
+    attack: Configured
+    backbone: str
+    seed: int
+    zoo: PretrainConfig = PretrainConfig()
+    preset_info: PresetInfo = field(default=PresetInfo(), compare=False)  # recorded, never in the key
+
+    def config(self) -> dict[str, Any]:
+        return {"dataset": self.dataset.key(), "defense": self.defense.config(), "attack": self.attack.config(),
+                "backbone": get_spec(self.backbone).key(), "seed": self.seed,
+                "zoo": zoo_recipe(self.zoo, self.defense, self.attack), "protocol_version": PROTOCOL_VERSION}
+
+    @property
+    def key(self) -> str:
+        return stable_hash(self.config(), 24)
+
+    def protected_key(self) -> str:
+        """The key of the cell's protected set: shared by every attack and backbone of (data, defense, seed)."""
+        return stable_hash({"dataset": self.dataset.key(), "defense": self.defense.config(), "seed": self.seed,
+                            "zoo": zoo_recipe(self.zoo, self.defense), "protocol_version": PROTOCOL_VERSION})
+
+    def describe(self) -> str:
+        return f"{self.defense.label} / {self.attack.label} / {self.backbone} / seed {self.seed}"
+
+
+def zoo_recipe(zoo: PretrainConfig, *plugins: Configured) -> dict[str, Any]:
+    """The part of the zoo recipe that these configured plugins depend on, from the sources they declare:
+    a change to the ``sf`` recipe then reruns only the cells whose plugins use ``sf``."""
+    sources: set[str] = set()
+    for p in plugins:
+        sources |= p.plugin.zoo_sources()
+    return zoo.recipe(sources)
+
+
+def plan(preset: Preset, *, dataset: DatasetConfig | None = None, defenses: Sequence[str] | None = None,
+         attacks: Sequence[str] | None = None, backbones: Sequence[str] | None = None,
+         seeds: Sequence[int] | None = None) -> list[Cell]:
+    """The cross product, with ``clean`` always included as the reference."""
+    ds = dataset or preset.dataset
+    defs = [configure(DEFENSES, s, preset.defense_protocol) for s in (defenses or preset.defenses)]
+    if not any(d.label == "clean" for d in defs):
+        defs.insert(0, configure(DEFENSES, "clean", preset.defense_protocol))
+    bbs = list(backbones or preset.backbones)
+    for b in bbs:
+        get_spec(b)
+    atk_specs = list(attacks or preset.attacks)
+    # an attack's protocol may differ per backbone (``attack_protocol["scratch@vit_tiny"]``)
+    atks = {b: [configure(ATTACKS, s, preset.attack_protocol, backbone=b) for s in atk_specs] for b in bbs}
+    for group, kind in ((defs, "defense"), (atks[bbs[0]] if bbs else [], "attack")):
+        labels = [c.label for c in group]
+        dupes = sorted({x for x in labels if labels.count(x) > 1})
+        if dupes:
+            raise UEBenchError(f"{kind} {dupes[0]!r} is listed twice")
+    zoo = pretrain_config(preset.zoo)
+    info = PresetInfo.of(preset)
+    return [Cell(preset.name, ds, d, atks[b][i], b, s, zoo, info)
+            for s in (seeds or preset.seeds) for d in defs for i in range(len(atk_specs)) for b in bbs]
+
+
+def reference_key(config: dict) -> str:
+    """What a cell shares with its clean reference: everything but the defense."""
+    return stable_hash({k: v for k, v in config.items() if k != "defense"})
+
+
+def with_dataset_overrides(cfg: DatasetConfig, **overrides: Any) -> DatasetConfig:
+    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
