@@ -26,6 +26,7 @@ import torch
 from benchmark.metrics import PSNR_CAP, perturbation_quality
 from benchmark.models import create_model
 from benchmark.presets import Preset
+from benchmark.registry import Registry
 from benchmark.runner import Cell, Runner, plan
 from leaderboard import plots
 from leaderboard.cli import board_from_store, plan_grid, preset_info
@@ -75,12 +76,13 @@ class FigureSpec:
     make: Callable[[Request], list[Path]]
 
 
-FIGURES: dict[str, FigureSpec] = {}
+FIGURES: Registry[FigureSpec] = Registry("figure")
 
 
 def figure(name: str, description: str) -> Callable[[Callable[[Request], list[Path]]], Callable[[Request], list[Path]]]:
+    """Register the decorated function as figure ``name`` (a ``FigureSpec`` in ``FIGURES``)."""
     def decorator(fn: Callable[[Request], list[Path]]) -> Callable[[Request], list[Path]]:
-        FIGURES[name] = FigureSpec(name, description, fn)
+        FIGURES.add(FigureSpec(name, description, fn))
         return fn
 
     return decorator
@@ -194,10 +196,7 @@ def reproduce(name: str, preset: Preset, *, out_dir: str | Path, device: torch.d
               cache_dir: str | Path | None = None, progress: bool = True, defenses: Sequence[str] | None = None,
               backbones: Sequence[str] | None = None, seeds: Sequence[int] | None = None) -> list[Path]:
     """Run the cells figure ``name`` needs and draw it; returns the files written."""
-    from benchmark.errors import UEBenchError
-
-    if name not in FIGURES:
-        raise UEBenchError(f"unknown figure {name!r}; valid figures: {', '.join(sorted(FIGURES))}")
+    spec = FIGURES.get(name)  # an unknown name fails with the valid names
     runner = Runner(out_dir, device=device, cache_dir=cache_dir, progress=progress)
     req = Request(preset, runner, Path(out_dir), defenses, backbones, seeds)
-    return FIGURES[name].make(req)
+    return spec.make(req)

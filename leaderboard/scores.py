@@ -140,7 +140,7 @@ def group_names(pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], str]:
     out = {}
     for preset, dataset in pairs:
         n_datasets = len({d for p, d in pairs if p == preset})
-        builtin = PRESETS.get(preset)
+        builtin = PRESETS[preset] if preset in PRESETS else None
         own = (builtin is None or builtin.dataset.name == dataset) and n_datasets == 1
         out[(preset, dataset)] = slug(preset if own else f"{preset}-{dataset}")
     return out
