@@ -22,8 +22,6 @@ from benchmark.data.imageset import DATASETS, DatasetConfig, ImageSet, Loader, S
 from benchmark.data.sampling import balanced_indices, balanced_subset
 from benchmark.data.torchvision_sets import TORCHVISION_SETS
 
-DATASET_NAMES = tuple(DATASETS.names())  # the built-in names; DATASETS also lists later registrations
-
-__all__ = ["DATASETS", "DATASET_NAMES", "FASHION_MNIST_CLASSES", "FASHION_MNIST_DIR", "TORCHVISION_SETS",
+__all__ = ["DATASETS", "FASHION_MNIST_CLASSES", "FASHION_MNIST_DIR", "TORCHVISION_SETS",
            "DatasetConfig", "ImageSet", "Loader", "Splits", "balanced_indices", "balanced_subset", "load_dataset",
            "read_idx"]
