@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
 def _list(what: str) -> None:
     from tabulate import tabulate
 
-    from benchmark.data import DATASET_NAMES
+    from benchmark.data import DATASETS
     from benchmark.models import BACKBONES
     from benchmark.presets import PRESETS
     from benchmark.registry import ATTACKS, DEFENSES
@@ -93,7 +93,7 @@ def _list(what: str) -> None:
         print(tabulate([[s.name, s.family, s.timm_name, s.description] for s in BACKBONES.values()],
                        headers=["name", "family", "timm", "description"]))
     elif what == "datasets":
-        print("\n".join(DATASET_NAMES))
+        print("\n".join(DATASETS.names()))
     else:
         print(tabulate([[p.name, p.dataset.name, len(p.defenses), len(p.attacks), ", ".join(p.backbones),
                          len(p.seeds), p.description] for p in PRESETS.values()],

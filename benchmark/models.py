@@ -15,6 +15,7 @@ from timm.models._manipulate import group_parameters
 from torch import nn
 
 from benchmark.errors import UEBenchError
+from benchmark.registry import Registry
 
 CIFAR_MEAN, CIFAR_STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -34,14 +35,8 @@ class BackboneSpec:
         return {"name": self.name, "timm_name": self.timm_name, "kwargs": self.kwargs, "small_stem": self.small_stem}
 
 
-BACKBONES: dict[str, BackboneSpec] = {}
-
-
-def register_backbone(spec: BackboneSpec) -> BackboneSpec:
-    if spec.name in BACKBONES:
-        raise UEBenchError(f"backbone {spec.name!r} is already registered")
-    BACKBONES[spec.name] = spec
-    return spec
+BACKBONES: Registry[BackboneSpec] = Registry("backbone")
+register_backbone = BACKBONES.add  # register_backbone(spec): under spec.name; a duplicate name fails
 
 
 register_backbone(BackboneSpec(
@@ -75,10 +70,8 @@ register_backbone(BackboneSpec(
 
 
 def get_spec(name: str) -> BackboneSpec:
-    try:
-        return BACKBONES[name]
-    except KeyError:
-        raise UEBenchError(f"unknown backbone {name!r}; valid names: {', '.join(sorted(BACKBONES))}") from None
+    """The registered backbone ``name``; an unknown name fails with the valid names."""
+    return BACKBONES.get(name)
 
 
 class Classifier(nn.Module):

@@ -14,6 +14,7 @@ from typing import Any
 
 from benchmark.data import DatasetConfig
 from benchmark.errors import UEBenchError
+from benchmark.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -111,15 +112,16 @@ PAPER = Preset(
                   "ImageNet ResNet-18 at 32x32, lr 1e-3 (BAIT); scratch lr 0.1",
 )
 
-PRESETS: dict[str, Preset] = {p.name: p for p in (QUICK, STANDARD, PAPER)}
+PRESETS: Registry[Preset] = Registry("preset", also="or a .toml file")
+for _preset in (QUICK, STANDARD, PAPER):
+    PRESETS.add(_preset)
 
 
 def load_preset(name_or_path: str) -> Preset:
-    if name_or_path in PRESETS:
-        return PRESETS[name_or_path]
+    """A built-in preset by name, or a preset file (``.toml``)."""
     path = Path(name_or_path)
     if path.suffix != ".toml":
-        raise UEBenchError(f"unknown preset {name_or_path!r}; valid names: {', '.join(PRESETS)}, or a .toml file")
+        return PRESETS.get(name_or_path)  # an unknown name fails with the valid names
     if not path.is_file():
         raise UEBenchError(f"preset file {name_or_path!r} does not exist")
     try:

@@ -28,6 +28,7 @@ from benchmark.models import create_model
 from benchmark.execute import LocalExecutor, run_grid
 from benchmark.plan import Cell, plan
 from benchmark.presets import Preset
+from benchmark.registry import Registry
 from leaderboard import plots
 from leaderboard.build import cells_board
 from leaderboard.scores import Leaderboard
@@ -75,12 +76,13 @@ class FigureSpec:
     make: Callable[[Request], list[Path]]
 
 
-FIGURES: dict[str, FigureSpec] = {}
+FIGURES: Registry[FigureSpec] = Registry("figure")
 
 
 def figure(name: str, description: str) -> Callable[[Callable[[Request], list[Path]]], Callable[[Request], list[Path]]]:
+    """Register the decorated function as figure ``name`` (a ``FigureSpec`` in ``FIGURES``)."""
     def decorator(fn: Callable[[Request], list[Path]]) -> Callable[[Request], list[Path]]:
-        FIGURES[name] = FigureSpec(name, description, fn)
+        FIGURES.add(FigureSpec(name, description, fn))
         return fn
 
     return decorator
@@ -194,10 +196,7 @@ def reproduce(name: str, preset: Preset, *, out_dir: str | Path, device: torch.d
               cache_dir: str | Path | None = None, progress: bool = True, defenses: Sequence[str] | None = None,
               backbones: Sequence[str] | None = None, seeds: Sequence[int] | None = None) -> list[Path]:
     """Run the cells figure ``name`` needs and draw it; returns the files written."""
-    from benchmark.errors import UEBenchError
-
-    if name not in FIGURES:
-        raise UEBenchError(f"unknown figure {name!r}; valid figures: {', '.join(sorted(FIGURES))}")
+    spec = FIGURES.get(name)  # an unknown name fails with the valid names
     executor = LocalExecutor(cache_dir or Path(out_dir) / "cache", device=device, progress=progress)
     req = Request(preset, executor, Path(out_dir), defenses, backbones, seeds)
-    return FIGURES[name].make(req)
+    return spec.make(req)

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from benchmark.data import (DATASET_NAMES, FASHION_MNIST_DIR, DatasetConfig, ImageSet, balanced_subset,
-                            load_dataset, read_idx)
+from benchmark.data import (DATASETS, FASHION_MNIST_DIR, DatasetConfig, ImageSet, balanced_subset, load_dataset,
+                            read_idx)
 from benchmark.errors import UEBenchError
 
 # ---------------------------------------------------------------- writers of the real formats
@@ -324,7 +324,7 @@ def test_hf_missing_path_is_a_clean_error(tmp_path):
 def test_unknown_name_lists_valid_names():
     with pytest.raises(UEBenchError) as err:
         load_dataset(DatasetConfig("imagenet-but-typo"))
-    for name in DATASET_NAMES:
+    for name in DATASETS.names():
         assert name in str(err.value), f"valid name {name!r} missing from: {err.value}"
 
 

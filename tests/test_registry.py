@@ -1,4 +1,7 @@
-"""Registry and plugin loading: built-ins, files, entry points, dotted paths, clear errors."""
+"""Registries and plugin loading: built-ins, files, entry points, dotted paths, clear errors.
+
+Every named kind (defenses, attacks, backbones, data sets, presets, figures) uses one ``Registry`` class
+and fails the same way on an unknown name."""
 
 from __future__ import annotations
 
@@ -7,10 +10,15 @@ import textwrap
 from dataclasses import dataclass
 
 import pytest
+import torch
 
+from benchmark.data import DATASETS, DatasetConfig, load_dataset
 from benchmark.errors import UEBenchError
+from benchmark.models import BACKBONES, get_spec
 from benchmark.plugins import Defense
+from benchmark.presets import PRESETS, load_preset
 from benchmark.registry import ATTACKS, DEFENSES, Registry, load_plugin_file
+from leaderboard.figures import FIGURES, reproduce
 
 PLUGIN_SOURCE = '''
 from dataclasses import dataclass
@@ -42,6 +50,45 @@ def test_builtins_are_registered():
 def test_unknown_name_lists_valid_names():
     with pytest.raises(UEBenchError, match="unknown defense 'nope'.*clean.*random_noise"):
         DEFENSES.get("nope")
+
+
+REGISTRIES = {"defense": DEFENSES, "attack": ATTACKS, "backbone": BACKBONES, "data set": DATASETS,
+              "preset": PRESETS, "figure": FIGURES}
+# The public way each kind is looked up; it must go through the registry.
+LOOKUPS = {"defense": DEFENSES.get, "attack": ATTACKS.get, "backbone": get_spec,
+           "data set": lambda name: load_dataset(DatasetConfig(name)), "preset": load_preset,
+           "figure": lambda name: reproduce(name, PRESETS["quick"], out_dir="never-written",
+                                            device=torch.device("cpu"))}
+
+
+@pytest.mark.parametrize("kind", sorted(REGISTRIES))
+def test_every_registry_fails_the_same_way_on_unknown_names(kind):
+    registry = REGISTRIES[kind]
+    names = registry.names()
+    assert registry.kind == kind, f"registry {kind!r} calls itself {registry.kind!r}"
+    assert len(names) >= 2, f"{kind}: expected built-in names, found {names}"
+    expected = f"unknown {kind} 'no_such_name'; valid names: {', '.join(names)}"
+    for lookup in (registry.get, registry.__getitem__, LOOKUPS[kind]):
+        with pytest.raises(UEBenchError) as err:
+            lookup("no_such_name")
+        assert str(err.value).startswith(expected), f"{kind}: {err.value!r} does not start with {expected!r}"
+    assert all(name in registry and registry.get(name) is obj for name, obj in registry.items()), \
+        f"{kind}: items() disagrees with get()"
+
+
+def test_registry_holds_any_object_and_families():
+    reg: Registry = Registry("loader")
+    spec = reg.add({"what": "a spec"}, "two-words")
+    assert reg.get("two-words") is spec, "add() must register non-class objects"
+    fn = reg.register("fam:<rest>")(lambda: "family")
+    assert reg.get("fam:anything/here.txt") is fn and reg.get("fam:") is fn, "a family serves its prefix"
+    with pytest.raises(UEBenchError, match=r"unknown loader 'other:x'; valid names: fam:<rest>, two-words$"):
+        reg.get("other:x")
+    with pytest.raises(UEBenchError, match="lower-case"):
+        reg.add(object(), "Not A Name")
+    with pytest.raises(UEBenchError, match="already registered"):
+        reg.add({"what": "another"}, "two-words")
+    assert not hasattr(fn, "name"), "only plugin classes get a name attribute"
 
 
 def test_duplicate_name_fails():
