@@ -268,7 +268,7 @@ class Bait(Defense):
             buffers = {name: opt_s.state[p]["momentum_buffer"] for name, p in model.named_parameters()
                        if "momentum_buffer" in opt_s.state.get(p, {})}
             theta = lookahead_step(model, (xs + delta[ys]).clamp(0, 1).contiguous(memory_format=cl), ys,
-                                   lr=self.surrogate_lr, momentum=self.momentum, weight_decay=self.weight_decay,
+                                   lr=protocol.lr, momentum=protocol.momentum, weight_decay=protocol.weight_decay,
                                    momentum_buffers=buffers)
             # (2) a pass of outer steps binding delta_t to the incorrect target t
             epoch_hits = epoch_seen = 0

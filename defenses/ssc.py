@@ -245,7 +245,8 @@ class ShallowSemanticCamouflage(Defense):
         # the images whose gradients update delta and that measure the stop error
         used = n if self.mode == "sample" else max(1, round(self.class_subset * n))
         pool = torch.randperm(n, generator=gen)[:used].to(dev)
-        # the trainable part's SGD (the surrogates' recipe, gradient clip 5); train_steps steps per round, taken here
+        # the trainable part's SGD: the surrogates' recipe with gradient clip 5; the steps (train_steps per
+        # round, on random batches) are taken here, so the schedule and epochs of the config are not used
         cfg = surrogate_config(epochs=self.rounds, batch_size=bs, lr=self.lr, grad_clip=5.0)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = make_optimizer(params, cfg)
