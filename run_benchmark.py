@@ -13,6 +13,7 @@ import argparse
 import logging
 import sys
 
+from benchmark.choices import PRETRAINED_SOURCES
 from benchmark.errors import UEBenchError
 
 log = logging.getLogger("uebench")
@@ -58,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--dataset", help="override the preset's data set")
     pre.add_argument("--data-root", help="folder with the data set's files")
     pre.add_argument("--backbones", nargs="+", metavar="NAME", help="backbones (default: the preset's)")
-    pre.add_argument("--sources", nargs="+", default=["supervised", "sf"], choices=["supervised", "sf"],
+    pre.add_argument("--sources", nargs="+", default=list(PRETRAINED_SOURCES), choices=PRETRAINED_SOURCES,
                      help="which pretraining to build (default: both)")
     pre.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: auto)")
     pre.add_argument("--out", default="results", help="results directory; the cache is OUT/cache")

@@ -7,6 +7,10 @@
 | ``full_finetune`` | zoo (``supervised``) | everything, small learning rate |
 | ``sf_pretrain`` | zoo (``sf``), or SF pretraining on the protected images themselves | per ``finetune`` |
 
+Each paradigm declares what it freezes (``freezing()``, a ``Freeze``) and, where it is not the data
+set's source pool, what the zoo pretrains on (``pretraining_pool()``); the shared ``_fit`` loads the
+zoo weights, applies the declaration and trains the rest through the one training loop.
+
 Protocol defaults (docs/methods.md, "Victim protocol"): SGD momentum 0.9, lr 1e-3 for pretrained inits (BAIT's fine-tuning
 protocol), lr 0.1 for the linear probe's head, cosine, batch 128, crop (pad 4) + flip.
 References: Li et al., "When Priors Backfire", ICLR 2026 (arXiv 2603.04731) for full fine-tuning;
@@ -21,30 +25,39 @@ from dataclasses import dataclass
 
 import torch
 
+from benchmark.choices import WeightSource, check_choice
 from benchmark.data import ImageSet
 from benchmark.errors import UEBenchError
 from benchmark.models import Classifier
 from benchmark.plugins import Attack, Context, Fitted
 from benchmark.registry import ATTACKS
-from benchmark.training import TrainConfig, train, trainable_parameters
+from benchmark.training import TrainConfig, to_float, train, trainable_parameters
 
 log = logging.getLogger(__name__)
 
-FINETUNE_MODES = ("frozen_shallow", "full", "linear")
-WEIGHT_SOURCES = ("supervised", "sf", "timm", "file", "random")
+FINETUNES = ("frozen_shallow", "full", "linear")  # sf_pretrain's finetune field: which paradigm's freezing
 
 
-def finetune(model: Classifier, data: ImageSet, cfg: TrainConfig, ctx: Context, mode: str, k: int,
+@dataclass(frozen=True)
+class Freeze:
+    """What a paradigm freezes of a pretrained backbone; everything else trains."""
+
+    stages: int = 0           # the stem and the first ``stages`` body stages (0 = nothing)
+    head_only: bool = False   # freeze everything but the classifier layer (a linear probe; ``stages`` unused)
+
+    def apply(self, model: Classifier) -> None:
+        if self.head_only:
+            model.freeze_all_but_head()
+        else:
+            model.freeze_stages(self.stages)
+
+
+def finetune(model: Classifier, data: ImageSet, cfg: TrainConfig, ctx: Context, freeze: Freeze,
              desc: str) -> Fitted:
-    """Train ``model`` on ``data`` with the stages ``mode`` leaves trainable (the shared paradigm step)."""
-    if mode == "linear":
-        model.freeze_all_but_head()
-        if cfg.augment == "none":
-            return _probe_on_features(model, data, cfg, ctx, desc)
-    elif mode == "frozen_shallow":
-        model.freeze_stages(k)
-    elif mode != "full":
-        raise UEBenchError(f"finetune mode {mode!r} is not one of {FINETUNE_MODES}")
+    """Freeze what ``freeze`` declares and train the rest of ``model`` on ``data`` (the shared paradigm step)."""
+    freeze.apply(model)
+    if freeze.head_only and cfg.augment == "none":
+        return _probe_on_features(model, data, cfg, ctx, desc)
     result = train(model, data.images, data.labels, cfg, device=ctx.device, seed=ctx.seed, progress=ctx.progress,
                    desc=desc)
     return Fitted(model, train_accuracy=result.train_accuracy, epochs=cfg.epochs,
@@ -57,7 +70,7 @@ def _probe_on_features(model: Classifier, data: ImageSet, cfg: TrainConfig, ctx:
     feats = []
     with torch.no_grad():
         for i in range(0, len(data), 512):
-            x = data.images[i: i + 512].to(ctx.device).float().div_(255)
+            x = to_float(data.images[i: i + 512], ctx.device)
             feats.append(model.features(x.contiguous(memory_format=torch.channels_last)).float())
     features = torch.cat(feats)
     head = model.head
@@ -77,8 +90,19 @@ class PretrainedAttack(Attack):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.weights not in WEIGHT_SOURCES:
-            raise UEBenchError(f"{self.name}: weights={self.weights!r} must be one of {WEIGHT_SOURCES}")
+        check_choice(self.name, "weights", self.weights, WeightSource)
+
+    def freezing(self) -> Freeze:
+        """What this paradigm freezes (the rest trains); nothing unless a subclass says otherwise."""
+        return Freeze()
+
+    def pretraining_pool(self, data: ImageSet) -> ImageSet | None:
+        """The images the zoo pretrains on for this paradigm: ``None`` = the data set's source pool."""
+        return None
+
+    def _fit(self, data: ImageSet, backbone: str, ctx: Context) -> Fitted:
+        model = self.pretrained(data, backbone, ctx, pool=self.pretraining_pool(data))
+        return finetune(model, data, self.train_config(), ctx, self.freezing(), f"{self.name} {backbone}")
 
     def zoo_sources(self) -> frozenset[str]:
         return frozenset({self.weights} - {"random"})  # random: the control, no zoo weights
@@ -102,9 +126,8 @@ class LinearProbe(PretrainedAttack):
 
     title = "Linear probe on a pretrained backbone"
 
-    def _fit(self, data: ImageSet, backbone: str, ctx: Context) -> Fitted:
-        model = self.pretrained(data, backbone, ctx)
-        return finetune(model, data, self.train_config(), ctx, "linear", 0, f"linear_probe {backbone}")
+    def freezing(self) -> Freeze:
+        return Freeze(head_only=True)
 
 
 @ATTACKS.register("frozen_shallow")
@@ -122,10 +145,8 @@ class FrozenShallow(PretrainedAttack):
         if self.k < 0:
             raise UEBenchError(f"frozen_shallow: k={self.k} must be >= 0")
 
-    def _fit(self, data: ImageSet, backbone: str, ctx: Context) -> Fitted:
-        model = self.pretrained(data, backbone, ctx)
-        return finetune(model, data, self.train_config(), ctx, "frozen_shallow", self.k,
-                        f"frozen_shallow(k={self.k}) {backbone}")
+    def freezing(self) -> Freeze:
+        return Freeze(stages=self.k)
 
 
 @ATTACKS.register("full_finetune")
@@ -135,10 +156,6 @@ class FullFinetune(PretrainedAttack):
 
     title = "Full fine-tuning (pretrained)"
     paper = "2603.04731"
-
-    def _fit(self, data: ImageSet, backbone: str, ctx: Context) -> Fitted:
-        model = self.pretrained(data, backbone, ctx)
-        return finetune(model, data, self.train_config(), ctx, "full", 0, f"full_finetune {backbone}")
 
 
 @ATTACKS.register("sf_pretrain")
@@ -162,14 +179,16 @@ class SFPretrain(PretrainedAttack):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.finetune not in FINETUNE_MODES:
-            raise UEBenchError(f"sf_pretrain: finetune={self.finetune!r} must be one of {FINETUNE_MODES}")
+        check_choice("sf_pretrain", "finetune", self.finetune, FINETUNES)
         if self.pretrain_on not in ("source", "protected"):
             raise UEBenchError(f"sf_pretrain: pretrain_on={self.pretrain_on!r} must be 'source' or 'protected'")
         if self.pretrain_on == "protected" and self.weights != "sf":
             raise UEBenchError("sf_pretrain: pretrain_on=protected needs weights=sf")
 
-    def _fit(self, data: ImageSet, backbone: str, ctx: Context) -> Fitted:
-        model = self.pretrained(data, backbone, ctx, pool=data if self.pretrain_on == "protected" else None)
-        return finetune(model, data, self.train_config(), ctx, self.finetune, self.k,
-                        f"sf_pretrain({self.finetune}) {backbone}")
+    def freezing(self) -> Freeze:
+        """The freezing of the paradigm ``finetune`` names (``k`` stages for frozen_shallow)."""
+        freezes = {"frozen_shallow": Freeze(stages=self.k), "full": Freeze(), "linear": Freeze(head_only=True)}
+        return freezes[self.finetune]
+
+    def pretraining_pool(self, data: ImageSet) -> ImageSet | None:
+        return data if self.pretrain_on == "protected" else None

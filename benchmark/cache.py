@@ -1,4 +1,4 @@
-"""Content-addressed cache of tensors (protected data sets, zoo checkpoints, frozen features).
+"""Content-addressed cache of tensors (protected data sets and zoo checkpoints).
 
 Entries are safetensors files named by a hash of everything that made them, written atomically
 (temporary file + rename) with a checksum of their content in the header, and verified on read:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmark.errors import UEBenchError
+from benchmark.training import to_float
 
 PSNR_CAP = 100.0  # dB given to an image identical to its clean version (its PSNR is infinite)
 
@@ -83,7 +84,7 @@ def perturbation_quality(clean: torch.Tensor, protected: torch.Tensor, batch_siz
         linf = max(linf, int(diff.abs().max()))
         l2.append((diff.float() / 255).flatten(1).norm(dim=1))
         l0.append((diff != 0).any(dim=1).flatten(1).sum(dim=1).float())
-        fa, fb = a.float() / 255, b.float() / 255
+        fa, fb = to_float(a), to_float(b)
         ps.append(psnr(fa, fb))
         ss.append(ssim(fa, fb))
     out = {"linf": float(linf), "l2_mean": float(torch.cat(l2).mean()), "l0_mean": float(torch.cat(l0).mean()),

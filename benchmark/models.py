@@ -58,7 +58,7 @@ register_backbone(BackboneSpec(
     {"patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 3, "mlp_ratio": 2.0},
     description="ViT, patch 4, width 96, depth 4 (0.3M params); CPU-fast"))
 register_backbone(BackboneSpec(
-    "vit_small", "vit", "vit_tiny_patch16_224", {"patch_size": 4},
+    "vit_tiny_p4", "vit", "vit_tiny_patch16_224", {"patch_size": 4},
     description="ViT-Tiny (width 192, depth 12) with patch 4 for small images (5.4M params)"))
 register_backbone(BackboneSpec(
     "convnext_tiny", "convnext", "convnext_atto",
@@ -162,6 +162,3 @@ def create_model(name: str, num_classes: int, image_size: int = 32, in_chans: in
     cfg = net.pretrained_cfg or {}
     return Classifier(net, spec, cfg.get("mean", CIFAR_MEAN), cfg.get("std", CIFAR_STD))
 
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

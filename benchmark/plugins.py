@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from benchmark.choices import Granularity, Norm, check_choice
 from benchmark.data import ImageSet
 from benchmark.errors import UEBenchError
 from benchmark.training import TrainConfig
@@ -24,9 +25,6 @@ if TYPE_CHECKING:
     from benchmark.zoo import Zoo
 
 log = logging.getLogger(__name__)
-
-NORMS = ("linf", "l2", "l0", "none")
-GRANULARITIES = ("class", "sample", "none")
 
 
 @dataclass
@@ -48,9 +46,13 @@ class Context:
 
 @dataclass(frozen=True)
 class ThreatModel:
-    norm: str          # linf | l2 | l0 | none
-    budget: float      # in [0, 1] pixel units for linf and l2 (per image), pixels for l0; 0 for none
-    granularity: str   # class | sample | none
+    norm: Norm                # linf | l2 | l0 | none
+    budget: float             # in [0, 1] pixel units for linf and l2 (per image), pixels for l0; 0 for none
+    granularity: Granularity  # class | sample | none
+
+    def __post_init__(self) -> None:
+        check_choice("threat model", "norm", self.norm, Norm)
+        check_choice("threat model", "granularity", self.granularity, Granularity)
 
 
 @dataclass(frozen=True)
@@ -199,8 +201,8 @@ class Defense(Plugin):
     named ``eps`` is the budget unless ``threat_model`` is overridden.
     """
 
-    norm: ClassVar[str] = "none"
-    granularity: ClassVar[str] = "none"
+    norm: ClassVar[Norm] = "none"
+    granularity: ClassVar[Granularity] = "none"
 
     def threat_model(self) -> ThreatModel:
         budget = float(getattr(self, "eps", 0.0)) if self.norm != "none" else 0.0

@@ -87,7 +87,7 @@ STANDARD = Preset(
     defenses=("clean", "random_noise", "random_noise:mode=class", "em", "em:mode=class", "tap", "rem", "lsp", "ops",
               "ar", "cuda"),
     attacks=("scratch", "linear_probe", "frozen_shallow", "full_finetune", "sf_pretrain"),
-    backbones=("resnet18", "mobilenet", "vit_small"),
+    backbones=("resnet18", "mobilenet", "vit_tiny_p4"),
     seeds=(0, 1, 2),
     attack_protocol={"scratch": {"epochs": 30}, "linear_probe": {"epochs": 10}, "frozen_shallow": {"epochs": 10},
                      "full_finetune": {"epochs": 10}, "sf_pretrain": {"epochs": 10}},

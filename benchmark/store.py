@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -78,10 +77,6 @@ class Store:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def status(self, key: str) -> str | None:
-        row = self._db.execute("SELECT status FROM cells WHERE key = ?", (key,)).fetchone()
-        return row[0] if row else None
-
     def finished_keys(self) -> set[str]:
         return {r[0] for r in self._db.execute("SELECT key FROM cells WHERE status = 'ok'")}
 
@@ -106,7 +101,3 @@ class Store:
     def frame(self) -> pd.DataFrame:
         """All cells as a DataFrame (JSON columns left as dicts)."""
         return pd.DataFrame(list(self.rows()), columns=list(COLUMNS))
-
-
-def now() -> float:
-    return time.time()

@@ -113,7 +113,11 @@ def augment_batch(x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> to
     return x
 
 
-def to_float(x: torch.Tensor) -> torch.Tensor:
+def to_float(x: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+    """The one uint8 -> float conversion: uint8 images become [0, 1] floats (other tensors: float), on
+    ``device`` when given."""
+    if device is not None:
+        x = x.to(device)
     return x.float().div_(255) if x.dtype == torch.uint8 else x.float()
 
 
@@ -139,6 +143,25 @@ def lr_factor(step: int, total: int, steps_per_epoch: int, cfg: TrainConfig) -> 
 
 def _memory_format(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
+
+
+def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer,
+               params: list[nn.Parameter], *, grad_clip: float = 0.0, loss_fn: LossFn = cross_entropy_loss,
+               amp: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One optimizer step on a batch: the loss (bf16 autocast when ``amp``), backward, the gradient-norm
+    clip of ``params`` (0 = off), the step. Returns (loss, logits or None).
+
+    ``train`` calls it for every batch; the defenses whose surrogate steps interleave with their own
+    optimization (BAIT, SSC) call it directly.
+    """
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        loss, logits = loss_fn(model, x, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    return loss, logits
 
 
 def train(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, *,
@@ -176,13 +199,8 @@ def train(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, cfg: Tra
                 x = to_float(augment_batch(x, cfg, gen))
             if batch_hook is not None:
                 x, y = batch_hook(model, x, y)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss, logits = loss_fn(model, x, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
+            loss, logits = train_step(model, x, y, opt, params, grad_clip=cfg.grad_clip, loss_fn=loss_fn,
+                                      amp=use_amp)
             sched.step()
             step += 1
             loss_value = float(loss.detach())
@@ -202,14 +220,21 @@ def trainable_parameters(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, inputs: torch.Tensor, device: torch.device, batch_size: int = 512) -> torch.Tensor:
-    """Logits for every input (uint8 images are scaled to [0, 1]), in eval mode, on the CPU."""
+def predict(model: nn.Module, inputs: torch.Tensor, device: torch.device, batch_size: int = 512,
+            delta: torch.Tensor | None = None, amp: bool = True) -> torch.Tensor:
+    """The one evaluation helper: logits for every input, in eval mode, on the CPU.
+
+    uint8 images are scaled to [0, 1]; a ``delta`` (one row per input) is added and the sum clipped to
+    [0, 1]. ``amp``: bf16 autocast on CUDA (``error_rate`` measures in float32).
+    """
     model.eval()
     model.to(device=device, memory_format=torch.channels_last)
     out = []
     for i in range(0, len(inputs), batch_size):
-        x = to_float(inputs[i: i + batch_size].to(device))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        x = to_float(inputs[i: i + batch_size], device)
+        if delta is not None:
+            x = (x + delta[i: i + batch_size].to(device)).clamp(0, 1)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
             out.append(model(_memory_format(x)).float().cpu())
     return torch.cat(out) if out else torch.empty(0)
 
@@ -218,6 +243,15 @@ def evaluate(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, devic
     """Top-1 accuracy in percent."""
     logits = predict(model, inputs, device)
     return 100.0 * float((logits.argmax(1) == labels.cpu()).float().mean())
+
+
+def error_rate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, delta: torch.Tensor | None,
+               device: torch.device, batch_size: int = 512) -> float:
+    """Fraction of ``images + delta`` (``delta`` may be None) the model misclassifies, in float32."""
+    if len(images) == 0:
+        return 0.0
+    logits = predict(model, images, device, batch_size, delta, amp=False)
+    return int((logits.argmax(1) != labels.cpu()).sum()) / max(1, len(images))
 
 
 def resolve_device(name: str) -> torch.device:

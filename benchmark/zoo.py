@@ -35,6 +35,7 @@ from torch import nn
 from benchmark import PROTOCOL_VERSION
 from benchmark.augment import StrongAugment
 from benchmark.cache import Cache, tensor_digest
+from benchmark.choices import PRETRAINED_SOURCES, PretrainedSource, WeightSource, check_choice
 from benchmark.config import stable_hash
 from benchmark.data import ImageSet
 from benchmark.errors import UEBenchError
@@ -42,8 +43,6 @@ from benchmark.models import Classifier, create_model, get_spec
 from benchmark.training import TrainConfig, train
 
 log = logging.getLogger(__name__)
-
-SOURCES = ("random", "supervised", "sf", "timm", "file")
 
 
 @dataclass(frozen=True)
@@ -120,7 +119,7 @@ def pretrain_config(overrides: dict | None) -> PretrainConfig:
     overrides = dict(overrides or {})
     base = PretrainConfig()
     kwargs = {}
-    for name in ("supervised", "sf"):
+    for name in PRETRAINED_SOURCES:
         if name in overrides:
             fields = overrides.pop(name)
             bad = sorted(set(fields) - set(TrainConfig.__dataclass_fields__))
@@ -139,6 +138,7 @@ def pretrain(backbone: str, source: str, pool: ImageSet, cfg: PretrainConfig, *,
              progress: bool = False, init: dict[str, torch.Tensor] | None = None) -> Classifier:
     """Pretrain a backbone on ``pool`` (supervised or sf), from ``init`` weights if given; returns it
     with the pool's head."""
+    check_choice("pretrain()", "source", source, PretrainedSource)
     torch.manual_seed(cfg.seed)
     model = create_model(backbone, pool.num_classes, pool.image_shape[-1], pool.image_shape[0])
     if init is not None:
@@ -148,14 +148,12 @@ def pretrain(backbone: str, source: str, pool: ImageSet, cfg: PretrainConfig, *,
                        progress=progress, desc=f"pretrain {backbone} (supervised)")
         log.info("supervised pretraining of %s: train accuracy %.1f%% in %.0fs", backbone,
                  result.train_accuracy, result.seconds)
-    elif source == "sf":
+    else:  # sf
         wrapper = Projected(model, cfg.projection_dim)
         gen = torch.Generator().manual_seed(cfg.seed + 1)
         result = train(wrapper, pool.images, pool.labels, cfg.sf, device=device, seed=cfg.seed, progress=progress,
                        desc=f"pretrain {backbone} (sf)", loss_fn=_contrastive_loss(cfg, gen))
         log.info("sf pretraining of %s: final NT-Xent %.3f in %.0fs", backbone, result.final_loss, result.seconds)
-    else:
-        raise UEBenchError(f"pretrain(): source must be 'supervised' or 'sf', got {source!r}")
     return model.cpu()
 
 
@@ -248,12 +246,11 @@ class Zoo:
     def get(self, backbone: str, source: str, num_classes: int, image_size: int, in_chans: int = 3,
             path: str | None = None) -> Classifier:
         """A backbone with ``source`` weights and a fresh ``num_classes``-way head."""
-        if source not in SOURCES:
-            raise UEBenchError(f"unknown weight source {source!r}; valid: {', '.join(SOURCES)}")
+        check_choice("zoo", "weight source", source, WeightSource)
         model = create_model(backbone, num_classes, image_size, in_chans)
         if source == "random":
             return model
-        if source in ("supervised", "sf"):
+        if source in PRETRAINED_SOURCES:
             state, _ = self.build(backbone, source)
             load_state(model, state, f"zoo {backbone} ({source})")
         elif source == "timm":

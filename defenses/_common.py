@@ -4,8 +4,12 @@
   the data set's source pool) trained through the one training loop (``benchmark.training.train``);
 - PGD on a perturbation (minimize or maximize a loss, L-inf projection, optional differentiable
   augmentation with expectation over transformations);
-- class-wise broadcasting, L2 projection, and rounding a float perturbation to whole uint8 steps
-  without leaving the budget (then ``quantize`` publishes it).
+- class-wise broadcasting, class means and the per-row gather as one-hot products (deterministic
+  backward), L2 projection, and rounding a float perturbation to whole uint8 steps without leaving the
+  budget (then ``quantize`` publishes it).
+
+Evaluation (``predict``, ``error_rate``) and the uint8 -> float conversion (``to_float``) are the
+training module's, shared with the attacks.
 """
 
 from __future__ import annotations
@@ -20,15 +24,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from benchmark.choices import Surrogate, check_choice
 from benchmark.data import ImageSet
 from benchmark.errors import UEBenchError
 from benchmark.models import Classifier, create_model, get_spec
 from benchmark.plugins import Context, quantize
-from benchmark.training import BatchHook, TrainConfig, TrainResult, random_crop, random_flip, train
+from benchmark.training import (BatchHook, TrainConfig, TrainResult, cross_entropy_loss, random_crop, random_flip,
+                                to_float, train)
 
 log = logging.getLogger(__name__)
-
-SURROGATES = ("scratch", "supervised", "sf")  # scratch = random init (zoo source "random")
 
 # (model, x, y) -> scalar loss; x is the (augmented) perturbed batch in [0, 1]
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -37,8 +41,7 @@ LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 def check_surrogate(where: str, backbone: str, surrogate: str) -> None:
     """Validate the surrogate fields shared by the surrogate-based defenses."""
     get_spec(backbone)  # raises with the valid names
-    if surrogate not in SURROGATES:
-        raise UEBenchError(f"{where}: surrogate={surrogate!r} must be one of {SURROGATES}")
+    check_choice(where, "surrogate", surrogate, Surrogate)
 
 
 def check_positive(where: str, **values: float) -> None:
@@ -48,7 +51,8 @@ def check_positive(where: str, **values: float) -> None:
 
 
 def ce_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(model(x.contiguous(memory_format=torch.channels_last)).float(), y)
+    """The training loop's cross-entropy, loss only (PGD's ``LossFn``)."""
+    return cross_entropy_loss(model, x, y)[0]
 
 
 # ---------------------------------------------------------------- surrogates
@@ -149,25 +153,6 @@ def batches(n: int, batch_size: int) -> Iterator[slice]:
         yield slice(i, min(n, i + batch_size))
 
 
-def as_float(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return images.to(device).float().div_(255)
-
-
-@torch.no_grad()
-def error_rate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, delta: torch.Tensor | None,
-               device: torch.device, batch_size: int = 512) -> float:
-    """Fraction of ``images + delta`` the model misclassifies (eval mode)."""
-    model.eval()
-    wrong = 0
-    for s in batches(len(images), batch_size):
-        x = as_float(images[s], device)
-        if delta is not None:
-            x = (x + delta[s].to(device)).clamp(0, 1)
-        logits = model(x.contiguous(memory_format=torch.channels_last))
-        wrong += int((logits.argmax(1).cpu() != labels[s]).sum())
-    return wrong / max(1, len(images))
-
-
 def progress(iterable, ctx: Context, desc: str, total: int | None = None):
     return tqdm(iterable, desc=desc, total=total, leave=False, disable=not ctx.progress)
 
@@ -180,14 +165,22 @@ def broadcast_classwise(class_delta: torch.Tensor, labels: torch.Tensor) -> torc
 
 
 def class_means(values: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-class means of ``values`` (N x ...) and a mask of the classes present."""
-    labels = labels.to(values.device)
-    sums = torch.zeros((num_classes, *values.shape[1:]), dtype=values.dtype, device=values.device)
-    sums.index_add_(0, labels, values)
-    counts = torch.bincount(labels, minlength=num_classes).to(values.dtype)
-    present = counts > 0
-    shape = (num_classes,) + (1,) * (values.ndim - 1)
-    return sums / counts.clamp_min(1).view(shape), present
+    """Per-class means of ``values`` (N x ...) -> (K x ..., mask of present classes); absent classes get 0.
+
+    A one-hot matrix product, so that forward and backward are deterministic on every device
+    (``index_add_`` and the backward of indexing accumulate in a thread-dependent order).
+    """
+    onehot = F.one_hot(labels.to(values.device), num_classes).to(values.dtype)  # N x K
+    counts = onehot.sum(0)
+    means = (onehot.t() @ values.reshape(len(values), -1)) / counts.clamp(min=1)[:, None]
+    return means.reshape(num_classes, *values.shape[1:]), counts > 0
+
+
+def pick(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``rows[index]`` as a one-hot product: the backward of indexing with repeated indices sums in a
+    thread-dependent order on the CPU, which would break bitwise determinism."""
+    onehot = F.one_hot(index, rows.shape[0]).to(rows.dtype)
+    return (onehot @ rows.reshape(rows.shape[0], -1)).reshape(len(index), *rows.shape[1:])
 
 
 def l2_norms(delta: torch.Tensor) -> torch.Tensor:
@@ -238,5 +231,5 @@ def round_l2(delta: torch.Tensor, eps: float, tries: int = 8) -> torch.Tensor:
 
 def publish(train: ImageSet, delta: torch.Tensor, name: str) -> ImageSet:
     """Add a perturbation already on the uint8 grid (see ``round_linf``/``round_l2``) and quantize."""
-    images = quantize(train.images, train.images.float() / 255 + delta.cpu().float())
+    images = quantize(train.images, to_float(train.images) + delta.cpu().float())
     return train.with_images(images, name=f"{train.name}+{name}")

@@ -53,8 +53,9 @@ from benchmark.errors import UEBenchError
 from benchmark.models import get_spec
 from benchmark.plugins import Certificate, Check, Context, Defense, Protected, certificate
 from benchmark.registry import DEFENSES
-from benchmark.training import AUGMENTS, TrainConfig, augment_batch, predict
-from defenses._common import batches, error_rate, publish, round_linf, surrogate_model
+from benchmark.training import (AUGMENTS, TrainConfig, augment_batch, error_rate, make_optimizer, predict, to_float,
+                                train_step)
+from defenses._common import batches, class_means, pick, publish, round_linf, surrogate_model
 
 log = logging.getLogger(__name__)
 
@@ -131,24 +132,6 @@ def select_targets(logits: torch.Tensor, labels: torch.Tensor, stage: str, gen: 
         shift = torch.randint(1, k, (n,), generator=gen).to(labels.device)
         return (labels + shift) % k
     raise UEBenchError(f"bait: unknown target stage {stage!r}; valid: {', '.join(STAGES)}")
-
-
-def class_means(values: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-class means of ``values`` (N x ...) -> (K x ..., mask of present classes); absent classes get 0.
-
-    A one-hot matrix product, so that forward and backward are deterministic on every device
-    (``index_add_`` and the backward of indexing accumulate in a thread-dependent order).
-    """
-    onehot = F.one_hot(labels, num_classes).to(values.dtype)  # N x K
-    counts = onehot.sum(0)
-    means = (onehot.t() @ values.reshape(len(values), -1)) / counts.clamp(min=1)[:, None]
-    return means.reshape(num_classes, *values.shape[1:]), counts > 0
-
-
-def pick(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``rows[index]`` as a one-hot product (a deterministic backward)."""
-    onehot = F.one_hot(index, rows.shape[0]).to(rows.dtype)
-    return (onehot @ rows.reshape(rows.shape[0], -1)).reshape(len(index), *rows.shape[1:])
 
 
 @dataclass(frozen=True)
@@ -262,9 +245,12 @@ class Bait(Defense):
         direct = self.parametrization == "direct"
         net = None if direct else Generator(train.image_shape[0], *GENERATORS[self.generator]).to(dev, memory_format=cl)
         opt_g = None if net is None else torch.optim.Adam(net.parameters(), lr=self.generator_lr)
-        opt_s = torch.optim.SGD(model.parameters(), lr=self.surrogate_lr, momentum=self.momentum,
-                                weight_decay=self.weight_decay)
-        protocol = TrainConfig(augment=self.augment)
+        # the surrogate's protocol: its SGD steps (look-ahead and real) and the augmentation of its batch
+        protocol = TrainConfig(batch_size=self.batch_size, lr=self.surrogate_lr, optimizer="sgd",
+                               momentum=self.momentum, weight_decay=self.weight_decay, augment=self.augment,
+                               grad_clip=self.grad_clip)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt_s = make_optimizer(params, protocol)
         delta = torch.zeros(k, *train.image_shape, device=dev)
         n, bs = len(train), self.batch_size
         pool = torch.randperm(n, generator=gen)[: max(1, round(self.train_portion * n))].to(dev)
@@ -275,21 +261,21 @@ class Bait(Defense):
                           disable=not ctx.progress):
             stage = curriculum_stage(epoch, self.epochs)
             batch = pool[torch.randperm(len(pool), generator=gen)[:bs].to(dev)]
-            xs = augment_batch(images[batch], protocol, gen).float() / 255
+            xs = to_float(augment_batch(images[batch], protocol, gen))
             ys = labels[batch]
             # (1) look-ahead: theta' from one SGD step of a functional copy on (x + delta_y, y)
             model.train()
             buffers = {name: opt_s.state[p]["momentum_buffer"] for name, p in model.named_parameters()
                        if "momentum_buffer" in opt_s.state.get(p, {})}
             theta = lookahead_step(model, (xs + delta[ys]).clamp(0, 1).contiguous(memory_format=cl), ys,
-                                   lr=self.surrogate_lr, momentum=self.momentum, weight_decay=self.weight_decay,
+                                   lr=protocol.lr, momentum=protocol.momentum, weight_decay=protocol.weight_decay,
                                    momentum_buffers=buffers)
             # (2) a pass of outer steps binding delta_t to the incorrect target t
             epoch_hits = epoch_seen = 0
             order = pool[torch.randperm(len(pool), generator=gen).to(dev)]
             for i in range(0, len(order), bs):
                 idx = order[i: i + bs]
-                xb, yb = (images[idx].float() / 255).contiguous(memory_format=cl), labels[idx]
+                xb, yb = to_float(images[idx]).contiguous(memory_format=cl), labels[idx]
                 with torch.no_grad():
                     target = select_targets(call(model, theta, xb), yb, stage, gen)
                 if direct:
@@ -318,12 +304,7 @@ class Bait(Defense):
                       epoch_hits / max(epoch_seen, 1))
             # (3) real steps of the surrogate on the look-ahead batch with the updated noise
             for _ in range(self.surrogate_steps):
-                opt_s.zero_grad(set_to_none=True)
-                x_s = (xs + delta[ys]).clamp(0, 1).contiguous(memory_format=cl)
-                F.cross_entropy(model(x_s).float(), ys).backward()
-                if self.grad_clip > 0:
-                    nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
-                opt_s.step()
+                train_step(model, (xs + delta[ys]).clamp(0, 1), ys, opt_s, params, grad_clip=protocol.grad_clip)
         release = delta.detach() if net is None else self._release(net, images, labels, k)
         rates = {stage: hits[stage] / seen[stage] for stage in STAGES if seen[stage]}
         log.info("bait (%s): %d epochs, outer loss %.3f, target hit rate per stage %s, %.0fs", self.parametrization,
@@ -338,7 +319,7 @@ class Bait(Defense):
         sums = torch.zeros(k, *images.shape[1:], device=images.device)
         counts = torch.zeros(k, device=images.device)
         for i in range(0, len(images), self.batch_size):
-            xb, yb = images[i: i + self.batch_size].float() / 255, labels[i: i + self.batch_size]
+            xb, yb = to_float(images[i: i + self.batch_size]), labels[i: i + self.batch_size]
             means, _ = class_means(net(xb.contiguous(memory_format=torch.channels_last)), yb, k)
             c = torch.bincount(yb, minlength=k).float()
             sums += means * c.view(-1, 1, 1, 1)

@@ -24,6 +24,7 @@ from benchmark.errors import UEBenchError
 from benchmark.certify import shortcut_check
 from benchmark.plugins import Context, Defense, Protected, certificate, quantize
 from benchmark.registry import DEFENSES
+from benchmark.training import to_float
 from defenses._common import batches
 
 
@@ -78,7 +79,7 @@ class ConvolutionUnlearnable(Defense):
         filters = class_filters(train.num_classes, self.kernel_size, self.blur, self.center, ctx.generator())
         out = torch.empty(train.images.shape, dtype=torch.uint8)
         for s in batches(len(train), 1024):
-            x = train.images[s].float() / 255
+            x = to_float(train.images[s])
             y = convolve_normalize(x, filters[train.labels[s]])
             out[s] = quantize(train.images[s], torch.round(y * 255) / 255)
         released = train.with_images(out, name=f"{train.name}+cuda")

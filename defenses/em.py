@@ -30,9 +30,9 @@ from benchmark.data import ImageSet
 from benchmark.errors import UEBenchError
 from benchmark.plugins import Check, Context, Defense, Protected, certificate
 from benchmark.registry import DEFENSES
-from defenses._common import (as_float, batches, broadcast_classwise, check_positive, check_surrogate, class_means,
-                              error_rate, pgd, progress, publish, round_linf, surrogate_config, surrogate_model,
-                              train_surrogate)
+from benchmark.training import error_rate, to_float
+from defenses._common import (batches, broadcast_classwise, check_positive, check_surrogate, class_means, pgd, progress,
+                              publish, round_linf, surrogate_config, surrogate_model, train_surrogate)
 
 log = logging.getLogger(__name__)
 
@@ -116,13 +116,13 @@ class ErrorMinimizing(Defense):
                 order, cursor = torch.cat([order[cursor:], torch.randperm(n, generator=gen)]), 0
             idx, cursor = order[cursor: cursor + take], cursor + take
             current = delta[idx] if self.mode == "sample" else broadcast_classwise(class_delta, train.labels[idx])
-            x = (train.images[idx].float() / 255 + current).clamp(0, 1)
+            x = (to_float(train.images[idx]) + current).clamp(0, 1)
             train_surrogate(model, x, train.labels[idx], cfg, ctx, desc="em surrogate", offset=rounds)
             # (2) minimize the surrogate's loss over the perturbation
             model.eval()
             if self.mode == "sample":
                 for s in batches(n, self.batch_size):
-                    xb, yb = as_float(train.images[s], dev), train.labels[s].to(dev)
+                    xb, yb = to_float(train.images[s], dev), train.labels[s].to(dev)
                     new, _ = pgd(model, xb, yb, delta[s].to(dev), eps=self.eps, step_size=self.step_size,
                                  steps=steps, minimize=True)
                     delta[s] = new.cpu()
@@ -131,7 +131,7 @@ class ErrorMinimizing(Defense):
                 sub = watch[torch.randperm(len(watch), generator=gen)]
                 for s in batches(len(sub), self.batch_size):
                     ib = sub[s]
-                    xb, yb = as_float(train.images[ib], dev), train.labels[ib].to(dev)
+                    xb, yb = to_float(train.images[ib], dev), train.labels[ib].to(dev)
                     new, _ = pgd(model, xb, yb, broadcast_classwise(class_delta, train.labels[ib]).to(dev),
                                  eps=self.eps, step_size=self.step_size, steps=steps, minimize=True)
                     means, present = class_means(new, yb, k)

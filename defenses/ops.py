@@ -24,6 +24,7 @@ from benchmark.errors import UEBenchError
 from benchmark.certify import shortcut_check
 from benchmark.plugins import Context, Defense, Protected, ThreatModel, certificate
 from benchmark.registry import DEFENSES
+from benchmark.training import to_float
 from defenses._common import progress, publish
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ class OnePixelShortcut(Defense):
             mask = train.labels == k
             if not bool(mask.any()):
                 continue
-            x = train.images[mask].float() / 255
+            x = to_float(train.images[mask])
             scores = pixel_scores(x, colours).flatten(1).t()  # (H*W) x colours
             for pos, col in used:
                 scores[pos, col] = float("-inf")

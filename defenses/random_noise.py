@@ -19,6 +19,7 @@ from benchmark.errors import UEBenchError
 from benchmark.certify import shortcut_check
 from benchmark.plugins import Context, Defense, Protected, certificate, quantize
 from benchmark.registry import DEFENSES
+from benchmark.training import to_float
 
 
 @DEFENSES.register("random_noise")
@@ -51,7 +52,7 @@ class RandomNoise(Defense):
         else:
             noise = torch.rand((train.num_classes, *shape), generator=gen)[train.labels]
         noise = (noise * 2 - 1) * self.eps
-        images = quantize(train.images, train.images.float() / 255 + noise)
+        images = quantize(train.images, to_float(train.images) + noise)
         out = train.with_images(images, name=f"{train.name}+random_noise({self.mode})")
         if self.mode == "sample":
             return Protected(out, None)  # fresh noise per image: no shortcut, nothing to certify

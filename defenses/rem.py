@@ -28,9 +28,9 @@ from benchmark.data import ImageSet
 from benchmark.errors import UEBenchError
 from benchmark.plugins import Check, Context, Defense, Protected, certificate
 from benchmark.registry import DEFENSES
-from defenses._common import (Augment, as_float, batches, ce_loss, check_positive, check_surrogate,
-                              error_rate, pgd, progress, publish, round_linf, steps_plan,
-                              surrogate_config, surrogate_model, train_surrogate)
+from benchmark.training import error_rate, to_float
+from defenses._common import (Augment, batches, ce_loss, check_positive, check_surrogate, pgd, progress, publish,
+                              round_linf, steps_plan, surrogate_config, surrogate_model, train_surrogate)
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class RobustErrorMinimizing(Defense):
         model.eval()
         delta = torch.empty(train.images.shape)
         for s in progress(list(batches(len(train), self.batch_size)), ctx, "rem noise"):
-            xb, yb = as_float(train.images[s], dev), train.labels[s].to(dev)
+            xb, yb = to_float(train.images[s], dev), train.labels[s].to(dev)
             delta[s] = self.defensive_noise(model, xb, yb, gen).cpu()
         out = publish(train, round_linf(delta, self.eps), "rem")
         robust = self.robust_error(model, out, dev, gen)
@@ -145,7 +145,7 @@ class RobustErrorMinimizing(Defense):
         model.eval()
         wrong = 0
         for s in batches(len(out), self.batch_size):
-            xb, yb = as_float(out.images[s], device), out.labels[s].to(device)
+            xb, yb = to_float(out.images[s], device), out.labels[s].to(device)
             adv = self.adversarial(model, xb, yb, gen)
             with torch.no_grad():
                 wrong += int((model(adv.contiguous(memory_format=torch.channels_last)).argmax(1) != yb).sum())

@@ -32,19 +32,19 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from benchmark.choices import PRETRAINED_SOURCES
 from benchmark.data import ImageSet
 from benchmark.errors import UEBenchError
 from benchmark.models import Classifier, get_spec
 from benchmark.plugins import Check, Context, Defense, Protected, certificate
 from benchmark.registry import DEFENSES
-from defenses._common import as_float, error_rate, progress, publish, round_linf, surrogate_model
+from benchmark.training import error_rate, make_optimizer, to_float, train_step
+from defenses._common import pick, progress, publish, round_linf, surrogate_config, surrogate_model
 
 log = logging.getLogger(__name__)
 
 MODES = ("class", "sample")
-WEIGHTS = ("supervised", "sf")
 
 
 # ---------------------------------------------------------------- the shallow block
@@ -126,19 +126,12 @@ def subspace_energy_ratio(model: Classifier, k: int, clean: torch.Tensor, pertur
     model.eval()
     inside = total = 0.0
     for i in range(0, len(clean), batch_size):
-        dh = (shallow_features(model, as_float(perturbed[i: i + batch_size], device), k)
-              - shallow_features(model, as_float(clean[i: i + batch_size], device), k))
+        dh = (shallow_features(model, to_float(perturbed[i: i + batch_size], device), k)
+              - shallow_features(model, to_float(clean[i: i + batch_size], device), k))
         energy = dh.float().pow(2).sum((0, 2, 3))
         inside += float(energy[mask.to(device)].sum())
         total += float(energy.sum())
     return inside / total if total > 0 else float("nan")
-
-
-def _expand(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``rows[index]`` as a one-hot product: the backward of indexing with repeated indices sums in a
-    thread-dependent order on the CPU, which would break bitwise determinism."""
-    onehot = F.one_hot(index, rows.shape[0]).to(rows.dtype)
-    return (onehot @ rows.reshape(rows.shape[0], -1)).reshape(len(index), *rows.shape[1:])
 
 
 # ---------------------------------------------------------------- the plugin
@@ -180,7 +173,8 @@ class ShallowSemanticCamouflage(Defense):
         checks = [
             (0 < self.eps <= 1, "eps", self.eps, "in (0, 1]"),
             (self.mode in MODES, "mode", self.mode, f"one of {MODES}"),
-            (self.surrogate_weights in WEIGHTS, "surrogate_weights", self.surrogate_weights, f"one of {WEIGHTS}"),
+            (self.surrogate_weights in PRETRAINED_SOURCES, "surrogate_weights", self.surrogate_weights,
+             f"one of {PRETRAINED_SOURCES}"),
             (self.k >= 1, "k", self.k, ">= 1"),
             (0 < self.keep_fraction <= 1, "keep_fraction", self.keep_fraction, "in (0, 1]"),
             (min(self.confine_weight, self.shortcut_weight, self.ce_weight, self.suppress) >= 0,
@@ -208,7 +202,7 @@ class ShallowSemanticCamouflage(Defense):
         count = 0
         with torch.no_grad():
             for i in range(0, len(train), self.batch_size):
-                h = shallow_features(model, as_float(train.images[i: i + self.batch_size], ctx.device), self.k).float()
+                h = shallow_features(model, to_float(train.images[i: i + self.batch_size], ctx.device), self.k).float()
                 s, s2 = h.sum((0, 2, 3)), h.pow(2).sum((0, 2, 3))
                 total, sq = (s, s2) if total is None else (total + s, sq + s2)
                 count += h.shape[0] * h.shape[2] * h.shape[3]
@@ -254,24 +248,23 @@ class ShallowSemanticCamouflage(Defense):
         # the images whose gradients update delta and that measure the stop error
         used = n if self.mode == "sample" else max(1, round(self.class_subset * n))
         pool = torch.randperm(n, generator=gen)[:used].to(dev)
+        # the trainable part's SGD: the surrogates' recipe with gradient clip 5; the steps (train_steps per
+        # round, on random batches) are taken here, so the schedule and epochs of the config are not used
+        cfg = surrogate_config(epochs=self.rounds, batch_size=bs, lr=self.lr, grad_clip=5.0)
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.SGD(params, lr=self.lr, momentum=0.9, weight_decay=5e-4)
+        opt = make_optimizer(params, cfg)
         error, rounds = 1.0, 0
         for rounds in progress(range(1, self.rounds + 1), ctx, "ssc rounds"):
             model.train()
             for _ in range(self.train_steps):
                 idx = torch.randint(0, n, (bs,), generator=gen).to(dev)
-                x = (as_float(images[idx], dev) + delta[row_of[idx]]).clamp(0, 1)
-                loss = F.cross_entropy(model(x.contiguous(memory_format=torch.channels_last)).float(), labels[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                nn.utils.clip_grad_norm_(params, 5.0)
-                opt.step()
+                x = (to_float(images[idx], dev) + delta[row_of[idx]]).clamp(0, 1)
+                train_step(model, x, labels[idx], opt, params, grad_clip=cfg.grad_clip)
             model.eval()
             order = pool[torch.randperm(used, generator=gen).to(dev)]
             for i in range(0, used, bs):
                 idx = order[i: i + bs]
-                delta = self._pgd(model, space, as_float(images[idx], dev), labels[idx], row_of[idx], delta)
+                delta = self._pgd(model, space, to_float(images[idx], dev), labels[idx], row_of[idx], delta)
             sub = pool.cpu()
             error = error_rate(model, train.images[sub], train.labels[sub], delta[row_of[pool]].cpu(), dev, bs)
             if error < self.stop_error:
@@ -288,7 +281,7 @@ class ShallowSemanticCamouflage(Defense):
         part = delta[used].clone()
         for _ in range(self.pgd_steps):
             part.requires_grad_(True)
-            per_image = part[inverse] if self.mode == "sample" else _expand(part, inverse)
+            per_image = part[inverse] if self.mode == "sample" else pick(part, inverse)
             loss = self._loss(model, space, (x + per_image).clamp(0, 1), y, h_clean)
             grad, = torch.autograd.grad(loss, part)
             part = (part.detach() - self.step_size * grad.sign()).clamp(-self.eps, self.eps)

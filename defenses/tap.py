@@ -24,10 +24,10 @@ import torch
 from benchmark.data import ImageSet
 from benchmark.errors import UEBenchError
 from benchmark.plugins import Check, Context, Defense, Protected, certificate
-from benchmark.training import predict
 from benchmark.registry import DEFENSES
-from defenses._common import (Augment, as_float, batches, check_positive, check_surrogate, error_rate, pgd, progress,
-                              publish, round_linf, surrogate_config, surrogate_model, train_surrogate)
+from benchmark.training import AUGMENTS, error_rate, predict, to_float
+from defenses._common import (Augment, batches, check_positive, check_surrogate, pgd, progress, publish, round_linf,
+                              surrogate_config, surrogate_model, train_surrogate)
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +85,8 @@ class TargetedAdversarialPoisoning(Defense):
                 raise UEBenchError(f"{where}: {name}={getattr(self, name)!r} must be >= 1")
         if self.surrogate_epochs < 0:
             raise UEBenchError(f"{where}: surrogate_epochs={self.surrogate_epochs!r} must be >= 0")
-        augments = ("crop_flip", "crop", "flip", "none")
-        if self.surrogate_augment not in augments:
-            raise UEBenchError(f"{where}: surrogate_augment={self.surrogate_augment!r} must be one of {augments}")
+        if self.surrogate_augment not in AUGMENTS:
+            raise UEBenchError(f"{where}: surrogate_augment={self.surrogate_augment!r} must be one of {AUGMENTS}")
         check_positive(where, step_size=self.step_size, lr=self.lr)
         check_surrogate(where, self.surrogate_backbone, self.surrogate)
 
@@ -113,7 +112,7 @@ class TargetedAdversarialPoisoning(Defense):
             for _ in progress(range(self.steps), ctx, f"tap trial {trial + 1}/{self.restarts}"):
                 loss_sum, count = 0.0, 0
                 for s in batches(len(train), self.batch_size):
-                    xb = as_float(train.images[s], dev)
+                    xb = to_float(train.images[s], dev)
                     new, loss = pgd(model, xb, targets[s].to(dev), delta[s].to(dev), eps=self.eps,
                                     step_size=self.step_size, steps=1, minimize=True, transform=transform, gen=gen)
                     delta[s] = new.cpu()

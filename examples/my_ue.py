@@ -25,6 +25,7 @@ from benchmark.data import ImageSet
 from benchmark.errors import UEBenchError
 from benchmark.plugins import Context, Defense, Protected, certificate, quantize
 from benchmark.registry import DEFENSES
+from benchmark.training import to_float
 
 
 def class_patterns(num_classes: int, channels: int, size: tuple[int, int], patch: int, eps: float,
@@ -59,7 +60,7 @@ class MyUE(Defense):
     def _perturb(self, train: ImageSet, ctx: Context) -> Protected:
         c, h, w = train.image_shape
         patterns = class_patterns(train.num_classes, c, (h, w), self.patch, self.eps, ctx.generator())
-        images = quantize(train.images, train.images.float() / 255 + patterns[train.labels])
+        images = quantize(train.images, to_float(train.images) + patterns[train.labels])
         out = train.with_images(images, name=f"{train.name}+my_ue")
         # measured on the released uint8 images: is the perturbation alone a learnable shortcut?
         return Protected(out, certificate(shortcut_check(train, out, ctx)))

@@ -23,10 +23,11 @@ from typing import Any
 
 import torch
 
+from benchmark.choices import GRANULARITIES, NORMS
 from benchmark.config import configure
 from benchmark.data import balanced_subset
 from benchmark.errors import UEBenchError
-from benchmark.plugins import GRANULARITIES, NORMS, Certificate, Defense
+from benchmark.plugins import Certificate, Defense
 from benchmark.presets import Preset
 from benchmark.execute import LocalExecutor, run_grid
 from benchmark.plan import plan

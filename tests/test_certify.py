@@ -17,7 +17,7 @@ from benchmark.errors import UEBenchError
 from benchmark.plugins import Certificate, Context, Protected, quantize
 from benchmark.registry import DEFENSES
 from benchmark.shapes import generate
-from defenses._common import error_rate
+from benchmark.training import error_rate
 from defenses.em import ErrorMinimizing
 
 # (default spec, a spec that destroys the shortcut, why it does)

@@ -37,4 +37,8 @@ def test_errors_are_one_line(argv, message, capsys, tmp_path):
 def test_argparse_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["run", "--seeds", "x"])
-    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert exc.value.code == 2, f"exit code {exc.value.code}, stderr: {err}"
+    assert "error: argument --seeds: invalid int value: 'x'" in err, \
+        f"the error must name the argument and the bad value: {err!r}"
+    assert "Traceback" not in err, err

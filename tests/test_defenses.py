@@ -15,7 +15,7 @@ import torch
 from benchmark.config import configure
 from benchmark.data import ImageSet
 from benchmark.errors import UEBenchError
-from benchmark.plugins import Certificate, Context, Defense, Protected, perturbation_stats
+from benchmark.plugins import Certificate, Context, Defense, Protected
 from benchmark.presets import preset_from_dict
 from benchmark.registry import DEFENSES
 from benchmark.execute import LocalExecutor
@@ -69,21 +69,40 @@ def gray(tiny_train) -> ImageSet:
     return ImageSet(torch.full_like(tiny_train.images, 128), tiny_train.labels, tiny_train.classes, "gray")
 
 
+def past_the_budget(clean: ImageSet, out: ImageSet, norm: str, budget: float) -> ImageSet:
+    """``out`` with its first image changed just enough to leave the budget (``norm``, ``budget``)."""
+    images = out.images.clone()
+    base = clean.images[0].to(torch.int16).reshape(clean.image_shape[0], -1)  # C x (H*W)
+    image = images[0].view(clean.image_shape[0], -1)
+    if norm == "linf":  # one uint8 step past the budget, on the darkest value (it has room to go up)
+        c, i = divmod(int(base.argmin()), base.shape[1])
+        image[c, i] = int(base[c, i]) + math.floor(budget * 255 + 1e-6) + 1
+    elif norm == "l0":  # one pixel position more than the budget, each mirrored (255 - v != v)
+        k = int(budget) + 1
+        image[:, :k] = (255 - base[:, :k]).to(torch.uint8)
+    else:  # l2: the whole image mirrored
+        image[:] = (255 - base).to(torch.uint8)
+    return out.with_images(images)
+
+
 @pytest.mark.parametrize("spec", SPECS)
-def test_output_contract_and_budget(spec, tiny_train, ctx):
-    out = run(spec, tiny_train, 0, ctx)
-    plugin = configure(DEFENSES, tiny_spec(spec)).plugin
-    assert out.images.dtype == torch.uint8, f"{spec}: images are {out.images.dtype}, not uint8"
-    assert out.images.shape == tiny_train.images.shape, f"{spec}: shape {tuple(out.images.shape)} changed"
-    assert torch.equal(out.labels, tiny_train.labels), f"{spec}: labels changed"
-    assert out.classes == tiny_train.classes, f"{spec}: class names changed"
-    tm = plugin.threat_model()
-    stats = perturbation_stats(tiny_train.images, out.images)
-    measured = {"linf": stats.linf / 255, "l2": stats.l2_max, "l0": stats.l0_max}.get(tm.norm)
-    if measured is not None:
-        assert measured <= tm.budget + 1e-6, f"{spec}: {tm.norm} {measured} exceeds the budget {tm.budget}"
+def test_output_contract_and_budget(spec, tiny_train, ctx, monkeypatch):
+    """A defense's release passes the engine's checks, and the engine rejects it once it leaves the
+    declared budget or changes a label (``perturb`` is what guards the contract, so it is tested here)."""
+    out = run(spec, tiny_train, 0, ctx)  # through perturb: within the contract, or it would have raised
     if spec != "clean":
         assert not torch.equal(out.images, tiny_train.images), f"{spec}: published the clean images unchanged"
+    plugin = configure(DEFENSES, tiny_spec(spec)).plugin
+    name, tm = type(plugin).name, plugin.threat_model()
+    released = {"images": out}
+    monkeypatch.setattr(type(plugin), "_perturb", lambda self, train, ctx: released["images"])
+    if tm.norm != "none":
+        released["images"] = past_the_budget(tiny_train, out, tm.norm, tm.budget)
+        with pytest.raises(UEBenchError, match=rf"defense '{name}': {tm.norm} budget check failed"):
+            plugin.perturb(tiny_train, ctx)
+    released["images"] = ImageSet(out.images, (out.labels + 1) % out.num_classes, out.classes, out.name)
+    with pytest.raises(UEBenchError, match=rf"defense '{name}': label check failed"):
+        plugin.perturb(tiny_train, ctx)
 
 
 @pytest.mark.parametrize("spec", SPECS)

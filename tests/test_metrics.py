@@ -1,4 +1,4 @@
-"""Perturbation quality: L-inf / L2 / L0 / PSNR / SSIM on uint8 images, and the gallery PNG."""
+"""Perturbation quality: L-inf / L2 / L0 / PSNR / SSIM on uint8 images."""
 
 from __future__ import annotations
 
@@ -7,10 +7,8 @@ import math
 import pytest
 import torch
 
-from benchmark.data import ImageSet
 from benchmark.errors import UEBenchError
 from benchmark.metrics import PSNR_CAP, gaussian_window, perturbation_quality, psnr, ssim
-from leaderboard.gallery import pick_images, save_gallery
 
 
 def _images(n: int = 6, seed: int = 0, size: int = 16) -> torch.Tensor:
@@ -100,17 +98,3 @@ def test_bad_inputs_are_rejected():
         perturbation_quality(x, x.float())
     with pytest.raises(UEBenchError, match="shapes differ"):
         perturbation_quality(x, x[:3])
-
-
-def test_gallery_writes_a_png(tmp_path, tiny_train):
-    noisy = tiny_train.images.clone()
-    noisy[:, :, :4, :4] = 0
-    protected = {"corner": tiny_train.with_images(noisy), "clean": tiny_train}
-    path = save_gallery(tiny_train, protected, tmp_path / "gallery", n=4)
-    assert path.suffix == ".png" and path.is_file(), f"no PNG at {path}"
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", "the gallery file is not a PNG"
-    assert pick_images(tiny_train.labels, 4) == [int(torch.nonzero(tiny_train.labels == c)[0]) for c in range(4)], \
-        "the gallery should show the first image of each class"
-    wrong = ImageSet(tiny_train.images[:10], tiny_train.labels[:10], tiny_train.classes)
-    with pytest.raises(UEBenchError, match="does not match"):
-        save_gallery(tiny_train, {"bad": wrong}, tmp_path / "bad.png")

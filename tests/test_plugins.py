@@ -152,6 +152,14 @@ def test_certificate_verdicts_and_round_trip():
         Check("x", 1.0, 1.0, "<")
 
 
+def test_threat_model_names_are_checked():
+    """A misspelt norm would skip the engine's budget check: the threat model refuses it, listing the valid ones."""
+    with pytest.raises(UEBenchError, match=r"norm='Linf' must be one of \('linf', 'l2', 'l0', 'none'\)"):
+        ThreatModel("Linf", 8 / 255, "sample")
+    with pytest.raises(UEBenchError, match="granularity='image' must be one of"):
+        ThreatModel("linf", 8 / 255, "image")
+
+
 @pytest.mark.parametrize("mode", ["sample", "class"])
 def test_random_noise(mode, tiny_train, ctx):
     result = RandomNoise(mode=mode).perturb(tiny_train, ctx)
