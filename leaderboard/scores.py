@@ -12,7 +12,9 @@ Rules (DESIGN.md, "Results"):
 - ``clean`` is the reference row: shown, never ranked;
 - a defense's certificate (the numbers showing it reached its own objective, one per protected set,
   i.e. per seed) is shown beside its score: ``certified`` is True when every seed's certificate
-  passed, False when any failed, None when the defense reports none. It does not change the rank.
+  passed, False when any failed, None when the defense reports none. A defense whose certificate
+  failed is shown with its numbers but not ranked: the run did not reach the method's own objective,
+  so its numbers are not the method's result.
 """
 
 from __future__ import annotations
@@ -285,9 +287,11 @@ def certificate_summary(certs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def _ranks(scores: pd.DataFrame) -> pd.Series:
-    """1 = lowest worst-case accuracy (ties share a rank, then the mean breaks them); unranked = NaN."""
+    """1 = lowest worst-case accuracy (ties share a rank, then the mean breaks them); unranked = NaN
+    (incomplete grids, the reference, and defenses whose certificate failed)."""
     rank = pd.Series(np.nan, index=scores.index, dtype=float)
-    ok = scores["complete"] & ~scores["reference"] & scores["worst_accuracy"].notna()
+    certified_or_none = scores["certified"].map(lambda c: c is not False).astype(bool)
+    ok = scores["complete"] & ~scores["reference"] & scores["worst_accuracy"].notna() & certified_or_none
     for _, g in scores[ok].groupby("group"):
         order = g.sort_values(["worst_accuracy", "mean_accuracy"])
         keys = list(zip(order["worst_accuracy"].round(6), order["mean_accuracy"].round(6)))

@@ -15,7 +15,8 @@ from typing import Any, Iterable, Mapping
 
 from benchmark import __version__
 from leaderboard.scores import Leaderboard, budget_text
-from leaderboard.tables import acc_text, backbones, certificate_failed, certificate_text, matrix_frame
+from leaderboard.tables import (CERTIFICATE_FAILED_NOTE, acc_text, backbones, certificate_failed, certificate_text,
+                               matrix_frame)
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
 
@@ -85,7 +86,7 @@ def ranking_table(board: Leaderboard, group: str) -> str:
     rows = []
     for s in board.ranked().itertuples(index=False):
         cls = "reference" if s.reference else ("" if s.complete else "incomplete")
-        note = "; ".join(x for x in (s.flag, "certificate failed" if certificate_failed(s.certified) else "") if x)
+        note = "; ".join(x for x in (s.flag, CERTIFICATE_FAILED_NOTE if certificate_failed(s.certified) else "") if x)
         rank = "" if math.isnan(s.rank) else int(s.rank)
         cells = [
             td(rank if rank != "" else "-", rank, "num"),

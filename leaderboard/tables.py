@@ -43,6 +43,9 @@ def certificate_text(certified: object) -> str:
     return "pass" if bool(certified) else "FAILED"
 
 
+CERTIFICATE_FAILED_NOTE = "certificate failed: not ranked"
+
+
 def certificate_failed(certified: object) -> bool:
     return certificate_text(certified) == "FAILED"
 
@@ -62,7 +65,7 @@ def ranking_frame(board: Leaderboard, pm: str = " ± ") -> pd.DataFrame:
     for s in board.ranked().itertuples(index=False):
         notes = [s.flag] if s.flag else []
         if certificate_failed(s.certified):
-            notes.append("certificate failed")
+            notes.append(CERTIFICATE_FAILED_NOTE)
         if s.interpretation:
             notes.append("interpretation")
         row = {
@@ -141,7 +144,7 @@ def group_markdown(board: Leaderboard) -> str:
     lines += ["Worst case = the highest clean test accuracy (%) that any attack x backbone reaches against the "
               f"defense (lower is better); chance = {s.chance:.1f} %. Incomplete grids are not ranked. Certificate = "
               "whether the defense reached its own objective on the released images (pass, FAILED, or - when it "
-              "reports none); it does not change the rank.", "",
+              "reports none); a defense whose certificate failed is not ranked.", "",
               markdown(ranking_frame(board)), ""]
     for bb in backbones(board):
         lines += [f"### {bb}: clean test accuracy (%)", "", markdown(matrix_frame(board, bb)), ""]
