@@ -223,6 +223,9 @@ class Bait(Defense):
                 raise UEBenchError(f"bait: {name}={value!r} must be {rule}")
         get_spec(self.surrogate_backbone)  # raises with the valid names
 
+    def zoo_sources(self) -> frozenset[str]:
+        return frozenset({"supervised"} if self.pretrained_surrogate else ())
+
     def _perturb(self, train: ImageSet, ctx: Context) -> Protected:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(ctx.seed)
