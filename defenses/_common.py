@@ -28,7 +28,7 @@ from benchmark.choices import Surrogate, check_choice
 from benchmark.data import ImageSet
 from benchmark.errors import UEBenchError
 from benchmark.models import Classifier, create_model, get_spec
-from benchmark.plugins import Context, quantize
+from benchmark.plugins import Context, Defense, quantize
 from benchmark.training import (BatchHook, TrainConfig, TrainResult, cross_entropy_loss, random_crop, random_flip,
                                 to_float, train)
 
@@ -42,6 +42,29 @@ def check_surrogate(where: str, backbone: str, surrogate: str) -> None:
     """Validate the surrogate fields shared by the surrogate-based defenses."""
     get_spec(backbone)  # raises with the valid names
     check_choice(where, "surrogate", surrogate, Surrogate)
+
+
+def check_linf_budget(where: str, eps: float) -> None:
+    """An L-inf budget ``eps`` in [0, 1] pixel units must be in (0, 1]."""
+    if not 0 < eps <= 1:
+        raise UEBenchError(f"{where}: eps={eps!r} must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class SurrogateDefense(Defense):
+    """Base of the defenses that craft against a surrogate classifier of their own (em, tap, rem): the
+    surrogate's two fields, their checks with the L-inf budget's, and the zoo source they declare."""
+
+    surrogate_backbone: str = "resnet18"  # surrogate architecture (a registered backbone)
+    surrogate: str = "scratch"            # surrogate init: scratch | supervised | sf (zoo weights)
+
+    def __post_init__(self) -> None:
+        where = type(self).name or type(self).__name__
+        check_linf_budget(where, getattr(self, "eps", 0.0))
+        check_surrogate(where, self.surrogate_backbone, self.surrogate)
+
+    def zoo_sources(self) -> frozenset[str]:
+        return frozenset({self.surrogate} - {"scratch"})  # scratch = random init, no zoo weights
 
 
 def check_positive(where: str, **values: float) -> None:

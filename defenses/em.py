@@ -28,11 +28,11 @@ import torch
 
 from benchmark.data import ImageSet
 from benchmark.errors import UEBenchError
-from benchmark.plugins import Check, Context, Defense, Protected, certificate
+from benchmark.plugins import Check, Context, Protected, certificate
 from benchmark.registry import DEFENSES
 from benchmark.training import error_rate, to_float
-from defenses._common import (batches, broadcast_classwise, check_positive, check_surrogate, class_means, pgd, progress,
-                              publish, round_linf, surrogate_config, surrogate_model, train_surrogate)
+from defenses._common import (SurrogateDefense, batches, broadcast_classwise, check_positive, class_means, pgd,
+                              progress, publish, round_linf, surrogate_config, surrogate_model, train_surrogate)
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ DEFAULT_STOP = {"sample": 0.01, "class": 0.1}
 
 @DEFENSES.register("em")
 @dataclass(frozen=True)
-class ErrorMinimizing(Defense):
+class ErrorMinimizing(SurrogateDefense):
     """Error-minimizing noise (Huang et al., ICLR 2021)."""
 
     eps: float = 8 / 255            # L-inf budget, [0, 1] pixel units
@@ -57,8 +57,6 @@ class ErrorMinimizing(Defense):
     grad_clip: float = 5.0          # surrogate gradient-norm clip
     class_subset: float = 0.2       # class mode: fraction of images that update the deltas and measure the stop error
     max_rounds: int = 100           # cap on train/perturb rounds (not in the paper)
-    surrogate_backbone: str = "resnet18"  # surrogate architecture (a registered backbone)
-    surrogate: str = "scratch"      # surrogate init: scratch | supervised | sf (zoo weights)
 
     title = "Unlearnable Examples (error-minimizing noise)"
     paper = "2101.04898"
@@ -69,11 +67,10 @@ class ErrorMinimizing(Defense):
     granularity = "sample"
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # budget and surrogate fields
         where = "em"
         if self.mode not in MODES:
             raise UEBenchError(f"{where}: mode={self.mode!r} must be one of {MODES}")
-        if not 0 < self.eps <= 1:
-            raise UEBenchError(f"{where}: eps={self.eps!r} must be in (0, 1]")
         if self.steps is not None and self.steps < 1:
             raise UEBenchError(f"{where}: steps={self.steps!r} must be >= 1 (or none for the mode's default)")
         if self.stop_error is not None and not 0 <= self.stop_error <= 1:
@@ -86,10 +83,6 @@ class ErrorMinimizing(Defense):
         check_positive(where, step_size=self.step_size, lr=self.lr)
         if self.grad_clip < 0:
             raise UEBenchError(f"{where}: grad_clip={self.grad_clip!r} must be >= 0")
-        check_surrogate(where, self.surrogate_backbone, self.surrogate)
-
-    def zoo_sources(self) -> frozenset[str]:
-        return frozenset({self.surrogate} - {"scratch"})  # scratch = random init, no zoo weights
 
     def _perturb(self, train: ImageSet, ctx: Context) -> Protected:
         steps = self.steps or DEFAULT_STEPS[self.mode]

@@ -20,6 +20,7 @@ from benchmark.certify import shortcut_check
 from benchmark.plugins import Context, Defense, Protected, certificate, quantize
 from benchmark.registry import DEFENSES
 from benchmark.training import to_float
+from defenses._common import check_linf_budget
 
 
 @DEFENSES.register("random_noise")
@@ -38,8 +39,7 @@ class RandomNoise(Defense):
     def __post_init__(self) -> None:
         if self.mode not in ("sample", "class"):
             raise UEBenchError(f"random_noise: mode={self.mode!r} must be 'sample' or 'class'")
-        if not 0 < self.eps <= 1:
-            raise UEBenchError(f"random_noise: eps={self.eps!r} must be in (0, 1]")
+        check_linf_budget("random_noise", self.eps)
 
     def zoo_sources(self) -> frozenset[str]:
         return frozenset()  # no pretrained weights

@@ -26,10 +26,10 @@ from torch import nn
 
 from benchmark.data import ImageSet
 from benchmark.errors import UEBenchError
-from benchmark.plugins import Check, Context, Defense, Protected, certificate
+from benchmark.plugins import Check, Context, Protected, certificate
 from benchmark.registry import DEFENSES
 from benchmark.training import error_rate, to_float
-from defenses._common import (Augment, batches, ce_loss, check_positive, check_surrogate, pgd, progress, publish,
+from defenses._common import (Augment, SurrogateDefense, batches, ce_loss, check_positive, pgd, progress, publish,
                               round_linf, steps_plan, surrogate_config, surrogate_model, train_surrogate)
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ ROBUST_ERROR_GATE = 0.1
 
 @DEFENSES.register("rem")
 @dataclass(frozen=True)
-class RobustErrorMinimizing(Defense):
+class RobustErrorMinimizing(SurrogateDefense):
     """Robust error-minimizing noise (Fu et al., ICLR 2022)."""
 
     eps: float = 8 / 255            # L-inf budget of the defensive noise, [0, 1] pixel units
@@ -54,8 +54,6 @@ class RobustErrorMinimizing(Defense):
     train_steps: int = 5000         # surrogate SGD steps (rounded up to whole epochs)
     batch_size: int = 128           # images per surrogate step and per noise batch
     lr: float = 0.1                 # surrogate SGD learning rate (momentum 0.9, weight decay 5e-4, cosine)
-    surrogate_backbone: str = "resnet18"  # surrogate architecture (a registered backbone)
-    surrogate: str = "scratch"      # surrogate init: scratch | supervised | sf (zoo weights)
 
     title = "Robust Unlearnable Examples (robust error-minimizing noise)"
     paper = "2203.14533"
@@ -66,9 +64,8 @@ class RobustErrorMinimizing(Defense):
     granularity = "sample"
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # budget and surrogate fields
         where = "rem"
-        if not 0 < self.eps <= 1:
-            raise UEBenchError(f"{where}: eps={self.eps!r} must be in (0, 1]")
         if not 0 <= self.adv_eps <= 1:
             raise UEBenchError(f"{where}: adv_eps={self.adv_eps!r} must be in [0, 1]")
         for name in ("steps", "eot", "train_steps", "batch_size"):
@@ -77,7 +74,6 @@ class RobustErrorMinimizing(Defense):
         if self.adv_steps < 0:
             raise UEBenchError(f"{where}: adv_steps={self.adv_steps!r} must be >= 0")
         check_positive(where, step_size=self.step_size, adv_step_size=self.adv_step_size, lr=self.lr)
-        check_surrogate(where, self.surrogate_backbone, self.surrogate)
 
     # -- the two inner problems, as pure functions of (model, batch)
 
@@ -103,9 +99,6 @@ class RobustErrorMinimizing(Defense):
         delta, _ = pgd(model, x, y, start, eps=self.eps, step_size=self.step_size, steps=self.steps, minimize=True,
                        loss_fn=robust_loss, transform=Augment(), eot=self.eot, gen=gen)
         return delta
-
-    def zoo_sources(self) -> frozenset[str]:
-        return frozenset({self.surrogate} - {"scratch"})  # scratch = random init, no zoo weights
 
     def _perturb(self, train: ImageSet, ctx: Context) -> Protected:
         gen = ctx.generator()

@@ -23,10 +23,10 @@ import torch
 
 from benchmark.data import ImageSet
 from benchmark.errors import UEBenchError
-from benchmark.plugins import Check, Context, Defense, Protected, certificate
+from benchmark.plugins import Check, Context, Protected, certificate
 from benchmark.registry import DEFENSES
 from benchmark.training import AUGMENTS, error_rate, predict, to_float
-from defenses._common import (Augment, batches, check_positive, check_surrogate, pgd, progress, publish, round_linf,
+from defenses._common import (Augment, SurrogateDefense, batches, check_positive, pgd, progress, publish, round_linf,
                               surrogate_config, surrogate_model, train_surrogate)
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def target_labels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 @DEFENSES.register("tap")
 @dataclass(frozen=True)
-class TargetedAdversarialPoisoning(Defense):
+class TargetedAdversarialPoisoning(SurrogateDefense):
     """Class-targeted adversarial poisons (Fowl et al., NeurIPS 2021)."""
 
     eps: float = 8 / 255            # L-inf budget, [0, 1] pixel units
@@ -65,8 +65,6 @@ class TargetedAdversarialPoisoning(Defense):
     surrogate_batch_size: int = 128
     lr: float = 0.1                 # surrogate SGD learning rate (momentum 0.9, weight decay 5e-4, cosine)
     surrogate_augment: str = "crop_flip"  # surrogate training augmentation: crop_flip | crop | flip | none
-    surrogate_backbone: str = "resnet18"  # surrogate architecture (a registered backbone)
-    surrogate: str = "scratch"      # surrogate init: scratch | supervised | sf (zoo weights)
 
     title = "Adversarial Poisoning (class-targeted)"
     paper = "2106.10807"
@@ -77,9 +75,8 @@ class TargetedAdversarialPoisoning(Defense):
     granularity = "sample"
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # budget and surrogate fields
         where = "tap"
-        if not 0 < self.eps <= 1:
-            raise UEBenchError(f"{where}: eps={self.eps!r} must be in (0, 1]")
         for name in ("steps", "restarts", "batch_size", "surrogate_batch_size"):
             if getattr(self, name) < 1:
                 raise UEBenchError(f"{where}: {name}={getattr(self, name)!r} must be >= 1")
@@ -88,10 +85,6 @@ class TargetedAdversarialPoisoning(Defense):
         if self.surrogate_augment not in AUGMENTS:
             raise UEBenchError(f"{where}: surrogate_augment={self.surrogate_augment!r} must be one of {AUGMENTS}")
         check_positive(where, step_size=self.step_size, lr=self.lr)
-        check_surrogate(where, self.surrogate_backbone, self.surrogate)
-
-    def zoo_sources(self) -> frozenset[str]:
-        return frozenset({self.surrogate} - {"scratch"})  # scratch = random init, no zoo weights
 
     def _perturb(self, train: ImageSet, ctx: Context) -> Protected:
         gen = ctx.generator()

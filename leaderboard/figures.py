@@ -57,6 +57,11 @@ class Request:
         return plan(self.preset, defenses=self.defenses, attacks=attacks, backbones=backbones or self.backbones,
                     seeds=seeds or self.seeds)
 
+    def grid(self, attacks: Sequence[str]) -> Grid:
+        """Plan the preset's grid with these attacks, run it, and return its board."""
+        cells = self.plan(attacks)
+        return Grid(cells, self.run(cells))
+
     def run(self, cells: list[Cell]) -> Leaderboard:
         summary = run_grid(cells, self.out_dir, self.executor)
         for rec in summary.failed:
@@ -67,6 +72,26 @@ class Request:
     @property
     def stem(self) -> Path:
         return self.out_dir / "figures"
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The cells a figure ran and their board; labels in plan order."""
+
+    cells: list[Cell]
+    board: Leaderboard
+
+    @property
+    def attacks(self) -> list[str]:
+        return _labels(self.cells, "attack")
+
+    @property
+    def defenses(self) -> list[str]:
+        return _labels(self.cells, "defense")
+
+
+# the seed-averaged numbers each figure writes beside its image
+SEED_AVERAGED = ["seeds_ok", "accuracy_mean", "accuracy_std", "clean_accuracy", "chance", "protection"]
 
 
 @dataclass(frozen=True)
@@ -109,20 +134,17 @@ def _write_csv(df: pd.DataFrame, path: Path) -> Path:
 @figure("paradigm-gap", "every defense under scratch, linear probe, frozen shallow, full fine-tuning and "
                         "SF-Pretrain victims (the protection that pretraining removes)")
 def paradigm_gap(req: Request) -> list[Path]:
-    cells = req.plan(PARADIGMS)
-    board = req.run(cells)
-    attacks, defenses = _labels(cells, "attack"), _labels(cells, "defense")
-    agg = board.aggregated
-    scratch = agg[agg["attack"] == attacks[0]].set_index(["defense", "backbone"])["accuracy_mean"]
+    g = req.grid(PARADIGMS)
+    agg, scores = g.board.aggregated, g.board.scores
+    scratch = agg[agg["attack"] == g.attacks[0]].set_index(["defense", "backbone"])["accuracy_mean"]
     numbers = agg.assign(gap_vs_scratch=agg["accuracy_mean"].to_numpy()
                          - scratch.reindex(pd.MultiIndex.from_frame(agg[["defense", "backbone"]])).to_numpy())
-    cols = ["defense", "attack", "backbone", "seeds_ok", "accuracy_mean", "accuracy_std", "clean_accuracy",
-            "chance", "protection", "gap_vs_scratch"]
-    chance = float(board.scores["chance"].iloc[0])
-    paths = plots.grouped_bars(agg, attacks, defenses, chance, req.stem / "paradigm-gap",
-                               f"{req.preset.name} ({board.scores['dataset'].iloc[0]}): clean test accuracy after "
+    chance = float(scores["chance"].iloc[0])
+    paths = plots.grouped_bars(agg, g.attacks, g.defenses, chance, req.stem / "paradigm-gap",
+                               f"{req.preset.name} ({scores['dataset'].iloc[0]}): clean test accuracy after "
                                f"training on protected data (lower = stronger protection)")
-    return paths + [_write_csv(_plan_order(numbers[cols], cells), req.stem / "paradigm-gap.csv")]
+    numbers = numbers[["defense", "attack", "backbone", *SEED_AVERAGED, "gap_vs_scratch"]]
+    return paths + [_write_csv(_plan_order(numbers, g.cells), req.stem / "paradigm-gap.csv")]
 
 
 def body_stages(backbone: str) -> int:
@@ -138,19 +160,17 @@ def freeze_depth(req: Request) -> list[Path]:
         cells += req.plan(attacks, backbones=[bb])
     board = req.run(cells)
     paths = plots.freeze_depth(board, req.stem / "freeze-depth")
-    numbers = plots.depth_frame(board)[["defense", "backbone", "k", "attack", "seeds_ok", "accuracy_mean",
-                                        "accuracy_std", "clean_accuracy", "chance", "protection"]]
+    numbers = plots.depth_frame(board)[["defense", "backbone", "k", "attack", *SEED_AVERAGED]]
     return paths + [_write_csv(numbers, req.stem / "freeze-depth.csv")]
 
 
 @figure("finetune-table", "defenses x fine-tuning paradigms of pretrained backbones (linear probe, frozen "
                           "shallow, full fine-tuning, SF-Pretrain frozen/full), as a table and a heatmap")
 def finetune_table(req: Request) -> list[Path]:
-    cells = req.plan(FINETUNE_PARADIGMS)
-    board = req.run(cells)
-    attacks, defenses = _labels(cells, "attack"), _labels(cells, "defense")
-    agg = board.aggregated.set_index(["defense", "backbone", "attack"])
-    columns = [(bb, a) for bb in sorted(board.grid["backbone"].unique()) for a in attacks]
+    g = req.grid(FINETUNE_PARADIGMS)
+    defenses = g.defenses
+    agg = g.board.aggregated.set_index(["defense", "backbone", "attack"])
+    columns = [(bb, a) for bb in sorted(g.board.grid["backbone"].unique()) for a in g.attacks]
     text = pd.DataFrame(index=defenses, columns=[f"{bb}\n{a}" for bb, a in columns], dtype=object)
     values = pd.DataFrame(index=defenses, columns=text.columns, dtype=float)
     for d in defenses:
@@ -163,10 +183,9 @@ def finetune_table(req: Request) -> list[Path]:
     flat = text.rename(columns=lambda c: c.replace("\n", " / ")).reset_index(names="defense")
     (req.stem / "finetune-table.md").write_text(markdown(flat) + "\n")
     (req.stem / "finetune-table.tex").write_text(latex(flat) + "\n")
-    numbers = board.aggregated[["defense", "backbone", "attack", "seeds_ok", "accuracy_mean", "accuracy_std",
-                                "clean_accuracy", "chance", "protection"]]
+    numbers = g.board.aggregated[["defense", "backbone", "attack", *SEED_AVERAGED]]
     return paths + [req.stem / "finetune-table.md", req.stem / "finetune-table.tex",
-                    _write_csv(_plan_order(numbers, cells), req.stem / "finetune-table.csv")]
+                    _write_csv(_plan_order(numbers, g.cells), req.stem / "finetune-table.csv")]
 
 
 @figure("gallery", "protected training images of every defense and their amplified perturbations, with "
