@@ -218,7 +218,7 @@ def log_certificate(defense: str, seed: int, cert: dict[str, Any] | None) -> Non
     if c.passed:
         log.info("%s (seed %d): certificate %s", defense, seed, c.describe())
     else:
-        log.warning("%s (seed %d): certificate failed: %s; the cells still run and the leaderboard flags it",
+        log.warning("%s (seed %d): certificate failed: %s; the cells still run; the leaderboard shows it, unranked",
                     defense, seed, c.describe())
 
 

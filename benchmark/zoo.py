@@ -35,7 +35,7 @@ from torch import nn
 from benchmark import PROTOCOL_VERSION
 from benchmark.augment import StrongAugment
 from benchmark.cache import Cache, tensor_digest
-from benchmark.choices import PRETRAINED_SOURCES, PretrainedSource, WeightSource, check_choice
+from benchmark.choices import PRETRAINED_SOURCES, WEIGHT_SOURCES, PretrainedSource, WeightSource, check_choice
 from benchmark.config import stable_hash
 from benchmark.data import ImageSet
 from benchmark.errors import UEBenchError
@@ -65,9 +65,9 @@ class PretrainConfig:
         supervised recipe is always included (sf starts from it with ``sf_init=supervised``, and keys
         written before plugins declared their sources include it); other sources add nothing."""
         sources = set(sources)
-        bad = sorted(sources - set(SOURCES))
+        bad = sorted(sources - set(WEIGHT_SOURCES))
         if bad:
-            raise UEBenchError(f"unknown zoo source {bad[0]!r}; valid: {', '.join(SOURCES)}")
+            raise UEBenchError(f"unknown zoo source {bad[0]!r}; valid: {', '.join(WEIGHT_SOURCES)}")
         full = asdict(self)
         return full if "sf" in sources else {"supervised": full["supervised"], "seed": full["seed"]}
 

@@ -6,7 +6,6 @@ and fails the same way on an unknown name."""
 from __future__ import annotations
 
 import importlib.metadata
-import textwrap
 from dataclasses import dataclass
 
 import pytest
