@@ -68,9 +68,9 @@ QUICK = Preset(
          # NT-Xent alone for 6 epochs gave features at chance on shapes (linear probe 10.2 %, validation)
          "sf_init": "supervised", "label_weight": 1.0},
     protocol_note="victims train without augmentation (deviates from the papers' crop+flip: the tiny CPU "
-                  "networks cannot learn a shifted 8/255 pattern in a short run; see DESIGN.md). scratch: "
-                  "AdamW 3e-3, 6 epochs (15 for mobilenet_tiny); linear probe: Adam 0.01 on frozen features, "
-                  "20 epochs; frozen shallow, full fine-tune, SF-pretrain: SGD 0.05 (not 1e-3), 3 epochs; cosine, "
+                  "networks cannot learn a shifted 8/255 pattern in a short run; docs/methods.md, 'Victim "
+                  "protocol'). scratch: AdamW 3e-3, 6 epochs (15 for mobilenet_tiny); linear probe: Adam 0.01 "
+                  "on frozen features, 20 epochs; frozen shallow, full fine-tune, SF-pretrain: SGD 0.05 (not 1e-3), 3 epochs; cosine, "
                   "batch 128. Zoo on 20k procedural glyphs: supervised AdamW 2e-3 with crop+flip, 6 epochs; SF = "
                   "those weights, then 3 epochs of NT-Xent plus cross-entropy on strong views (pure SimCLR does "
                   "not learn in a CPU budget). Generators scaled down to fit a CPU (each checked by its "

@@ -4,7 +4,7 @@ Target task: 10 filled or outlined shapes (circle, square, triangle, star, plus,
 crescent, hexagon, tee) at a random position, scale, rotation (within +-30 degrees) and colour, on a
 smooth background (a 2x2 colour grid upsampled) with thin distractor strokes. There is no per-pixel
 grain and no clutter at the 8-pixel scale, so an 8/255 class-wise pattern is not masked by the
-background (see DESIGN.md, "Data sets": the data set must be a fair miniature of CIFAR for UEs).
+background: the data set is meant as a fair miniature of CIFAR for UEs.
 
 Source pool (for pretraining the zoo): procedural stroke glyphs with a label set disjoint from the
 target shapes, on the same kind of background, so pretraining must transfer across tasks.
