@@ -154,18 +154,40 @@ def _pretrain(args: argparse.Namespace) -> int:
     from benchmark.plan import with_dataset_overrides
     from benchmark.training import resolve_device
     from benchmark.zoo import Zoo, pretrain_config
+    from benchmark.models import get_spec
 
     preset = load_preset(args.preset)
     dataset = with_dataset_overrides(preset.dataset, name=args.dataset, data_root=args.data_root)
+    device = resolve_device(args.device)
+    config = pretrain_config(preset.zoo)
+    backbones = list(dict.fromkeys(args.backbones or preset.backbones))
+    for b in backbones:
+        get_spec(b)  # an unknown name fails with the valid names, before the data set loads
     splits = load_dataset(dataset)
+    if splits.source is None:
+        raise UEBenchError(f"{dataset.name} has no source pool to pretrain on (its pretrained victims use timm "
+                           f"weights)")
     zoo = Zoo(args.cache_dir or Path(args.out) / "cache", pool=splits.source,
-              pool_key={**dataset.key(), "split": "source"}, config=pretrain_config(preset.zoo),
-              device=resolve_device(args.device), progress=not args.no_progress)
-    jobs = [(b, s) for b in (args.backbones or preset.backbones) for s in args.sources]
+              pool_key={**dataset.key(), "split": "source"}, config=config, device=device,
+              progress=not args.no_progress)
+    jobs = [(b, s) for b in backbones for s in args.sources]
     for backbone, source in tqdm(jobs, desc="zoo", unit="backbone", disable=args.no_progress):
         _, cached = zoo.build(backbone, source)
         print(f"{backbone} ({source}): {'loaded from cache' if cached else 'built'}")
     return 0
+
+
+def _check_folders(args: argparse.Namespace) -> None:
+    """``--out``, ``--cache-dir``, ``--data-root``, ``--entries`` and ``--results`` name folders (that may not
+    exist yet), not files."""
+    from pathlib import Path
+
+    for option in ("out", "cache_dir", "data_root", "entries", "results"):
+        value, flag = getattr(args, option, None), f"--{option.replace('_', '-')}"
+        if value is not None and not value.strip():
+            raise UEBenchError(f"{flag} must name a folder, got an empty string")
+        if value is not None and Path(value).exists() and not Path(value).is_dir():
+            raise UEBenchError(f"{flag} {value!r} is a file; it must be a folder (or not exist yet)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
 
         for path in args.plugin:
             load_plugin_file(path)
+        _check_folders(args)
         if args.command == "list":
             _list(args.what)
             return 0

@@ -28,7 +28,7 @@ import torch
 from benchmark.choices import WeightSource, check_choice
 from benchmark.data import ImageSet
 from benchmark.errors import UEBenchError
-from benchmark.models import Classifier
+from benchmark.models import Classifier, body_stages
 from benchmark.plugins import Attack, Context, Fitted
 from benchmark.registry import ATTACKS
 from benchmark.training import TrainConfig, to_float, train, trainable_parameters
@@ -99,6 +99,16 @@ class PretrainedAttack(Attack):
     def pretraining_pool(self, data: ImageSet) -> ImageSet | None:
         """The images the zoo pretrains on for this paradigm: ``None`` = the data set's source pool."""
         return None
+
+    def check_backbone(self, backbone: str) -> None:
+        """The stages it freezes must exist in ``backbone`` (counted without building its weights)."""
+        freeze = self.freezing()
+        if freeze.head_only or not freeze.stages:
+            return
+        n = body_stages(backbone)
+        if freeze.stages > n:
+            raise UEBenchError(f"attack {self.name!r}: k={freeze.stages} is out of range for backbone {backbone!r}, "
+                               f"which has {n} body stages (k must be in [0, {n}])")
 
     def _fit(self, data: ImageSet, backbone: str, ctx: Context) -> Fitted:
         model = self.pretrained(data, backbone, ctx, pool=self.pretraining_pool(data))

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
+from benchmark.errors import UEBenchError
 from benchmark.training import random_flip
 
 
@@ -100,6 +101,14 @@ class StrongAugment:
     noise_p: float = 0.5
     noise_std: float = 16 / 255  # largest noise std, [0, 1] pixel units
     shuffle_p: float = 0.0       # probability of permuting the colour channels
+
+    def __post_init__(self) -> None:
+        checks = [(0 < self.crop_scale <= 1, "crop_scale", "in (0, 1]"), (self.jitter >= 0, "jitter", ">= 0"),
+                  (self.noise_std >= 0, "noise_std", ">= 0")]
+        checks += [(0 <= getattr(self, p) <= 1, p, "in [0, 1]") for p in ("gray_p", "blur_p", "noise_p", "shuffle_p")]
+        for ok, name, rule in checks:
+            if not ok:
+                raise UEBenchError(f"zoo.augment: {name}={getattr(self, name)!r} must be {rule}")
 
     def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         x = random_resized_crop(x, gen, scale=(self.crop_scale, 1.0))

@@ -1,6 +1,8 @@
 """Plugin specs on the command line and in presets: ``name`` or ``name:field=value,field=value``.
 
-Values are converted to the dataclass field's type (``8/255`` is accepted for floats). A configured
+Values are converted to the dataclass field's type (``8/255`` is accepted for floats); values that
+arrive typed (from a TOML preset) are checked against it: an int passes for a float, a bool is no
+number, and floats must be finite. Anything else fails as a one-line ``UEBenchError``. A configured
 plugin's *label* is its name plus the fields that differ from the protocol defaults (the dataclass
 defaults with the preset's overrides applied), e.g. ``random_noise(mode=class)``.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from typing import Any
@@ -20,6 +23,9 @@ from benchmark.registry import Registry
 
 def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
     """``'em:steps=10,mode=class'`` -> ``('em', {'steps': '10', 'mode': 'class'})``."""
+    if not isinstance(spec, str):
+        raise UEBenchError(f"a plugin spec must be a string like 'name' or 'name:field=value', got "
+                           f"{type(spec).__name__} {spec!r}")
     spec = spec.strip()
     # a dotted path 'pkg.mod:Class' may itself be followed by ':k=v'
     head, sep, rest = spec.partition(":")
@@ -32,15 +38,19 @@ def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
     if sep and rest:
         for item in rest.split(","):
             key, eq, value = item.partition("=")
-            if not eq or not key.strip():
+            key = key.strip()
+            if not eq or not key:
                 raise UEBenchError(f"bad override {item!r} in {spec!r}; expected field=value")
-            fields[key.strip()] = value.strip()
+            if key in fields:
+                raise UEBenchError(f"field {key!r} is given twice in {spec!r}")
+            fields[key] = value.strip()
     return head, fields
 
 
 def _convert(value: Any, tp: Any, where: str) -> Any:
+    """A spec's string converted to the field's type; a value from a TOML preset checked against it."""
     if not isinstance(value, str):
-        return value
+        return _check_type(value, tp, where)
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -63,24 +73,69 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             return int(value)
         if tp is float:
             num, slash, den = value.partition("/")
-            return float(num) / float(den) if slash else float(value)
-    except (ValueError, ZeroDivisionError):
-        raise UEBenchError(f"{where}: cannot read {value!r} as {tp.__name__}") from None
+            number = float(num) / float(den) if slash else float(value)
+            if not math.isfinite(number):
+                raise ValueError(value)
+            return number
+    except (ValueError, ZeroDivisionError, OverflowError):
+        raise UEBenchError(f"{where}: cannot read {value!r} as {'a finite ' if tp is float else ''}"
+                           f"{tp.__name__}") from None
     return value
+
+
+def _check_type(value: Any, tp: Any, where: str) -> Any:
+    """``value`` unchanged if it has the field's type (an int is a float; a bool is no number), else raise."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return value if value is None or len(args) != 1 else _check_type(value, args[0], where)
+    if origin is typing.Literal:
+        if value not in typing.get_args(tp):
+            raise UEBenchError(f"{where}: {value!r} is not one of {list(typing.get_args(tp))}")
+        return value
+    expected = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}.get(tp)
+    if expected is None:
+        return value
+    if not isinstance(value, expected) or (tp is not bool and isinstance(value, bool)):
+        raise UEBenchError(f"{where}: {value!r} is {_a(type(value).__name__)}, not {_a(tp.__name__)}")
+    if tp is float and not math.isfinite(value):
+        raise UEBenchError(f"{where}: {value!r} must be a finite number")
+    return value
+
+
+def _a(noun: str) -> str:
+    return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
+
+
+def convert_fields(cls: type, overrides: dict[str, Any], where: str) -> dict[str, Any]:
+    """The overrides of dataclass ``cls``, converted to (or checked against) its field types; an unknown
+    field lists the valid ones."""
+    if not isinstance(overrides, dict):
+        raise UEBenchError(f"{where}: expected a table of fields, got {type(overrides).__name__} {overrides!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(map(str, overrides)) - fields)
+    if unknown:
+        raise UEBenchError(f"{where}: unknown field {unknown[0]!r}; valid fields: {', '.join(sorted(fields))}")
+    return {k: _convert(v, hints[k], f"{where} field {k!r}") for k, v in overrides.items()}
+
+
+def instantiate(cls: type, kwargs: dict[str, Any], where: str) -> Any:
+    """``cls(**kwargs)``; a check that fails in ``__post_init__`` (or a value it cannot handle) becomes a
+    ``UEBenchError`` naming ``where``."""
+    try:
+        return cls(**kwargs)
+    except UEBenchError:
+        raise
+    except (TypeError, ValueError, ArithmeticError) as exc:
+        raise UEBenchError(f"{where}: {exc}") from exc
 
 
 def build(cls: type, overrides: dict[str, Any], where: str) -> Any:
     """Instantiate a plugin dataclass with converted overrides; unknown fields list the valid ones."""
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise UEBenchError(f"{where}: unknown field {unknown[0]!r}; valid fields: {', '.join(sorted(fields))}")
-    kwargs = {k: _convert(v, hints[k], f"{where} field {k!r}") for k, v in overrides.items()}
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:
-        raise UEBenchError(f"{where}: {exc}") from exc
+    if not dataclasses.is_dataclass(cls):
+        raise UEBenchError(f"{where}: {getattr(cls, '__qualname__', cls)!r} is not a plugin (a dataclass)")
+    return instantiate(cls, convert_fields(cls, overrides, where), where)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +160,8 @@ def configure(registry: Registry, spec: str, protocol: dict[str, dict[str, Any]]
     the spec fields that differ from the protocol."""
     name, fields = parse_spec(spec)
     cls = registry.get(name)
+    if not dataclasses.is_dataclass(cls):
+        raise UEBenchError(f"{registry.kind} {name!r}: {cls.__qualname__} is not a plugin (a frozen dataclass)")
     name = cls.name
     protocol = protocol or {}
     proto = {**protocol.get("*", {}), **protocol.get(name, {}),

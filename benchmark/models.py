@@ -7,6 +7,7 @@ head; read from timm's own ``group_matcher``) and stage freezing that keeps froz
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import timm
@@ -162,3 +163,10 @@ def create_model(name: str, num_classes: int, image_size: int = 32, in_chans: in
     cfg = net.pretrained_cfg or {}
     return Classifier(net, spec, cfg.get("mean", CIFAR_MEAN), cfg.get("std", CIFAR_STD))
 
+
+@functools.lru_cache(maxsize=None)
+def body_stages(name: str) -> int:
+    """How many body stages backbone ``name`` has (``Classifier.num_body_stages``), counted on a build on
+    the meta device: no memory and no weights, so a plan can check a freezing depth before any work."""
+    with torch.device("meta"):
+        return create_model(name, num_classes=2).num_body_stages

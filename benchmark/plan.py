@@ -8,12 +8,13 @@ it is reused. The zoo recipe enters a key only through the sources the cell's pl
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 from benchmark import PROTOCOL_VERSION
 from benchmark.config import Configured, configure, stable_hash
-from benchmark.data import DatasetConfig
+from benchmark.data import DATASETS, DatasetConfig
 from benchmark.errors import UEBenchError
 from benchmark.models import get_spec
 from benchmark.presets import Preset
@@ -75,29 +76,86 @@ def zoo_recipe(zoo: PretrainConfig, *plugins: Configured) -> dict[str, Any]:
     return zoo.recipe(sources)
 
 
+SEED_MAX = 2**31 - 1  # seeds feed torch generators as seed * 1_000_003 + offset, which must stay < 2**64
+
+
 def plan(preset: Preset, *, dataset: DatasetConfig | None = None, defenses: Sequence[str] | None = None,
          attacks: Sequence[str] | None = None, backbones: Sequence[str] | None = None,
          seeds: Sequence[int] | None = None) -> list[Cell]:
-    """The cross product, with ``clean`` always included as the reference."""
+    """The cross product, with ``clean`` always included as the reference. Everything is checked here,
+    before any work: names, fields and their ranges, seeds, each attack against each backbone (e.g. a
+    freezing depth ``k`` beyond a backbone's stages) and each plugin's metadata."""
     ds = dataset or preset.dataset
-    defs = [configure(DEFENSES, s, preset.defense_protocol) for s in (defenses or preset.defenses)]
+    DATASETS.get(ds.name)  # an unknown name fails with the valid names
+    seed_list = check_seeds(seeds or preset.seeds)
+    for kind, protocol in (("defense", preset.defense_protocol), ("attack", preset.attack_protocol)):
+        check_protocol(kind, protocol)
+    defs = [configure(DEFENSES, s, preset.defense_protocol) for s in _specs("defenses", defenses or preset.defenses)]
     if not any(d.label == "clean" for d in defs):
         defs.insert(0, configure(DEFENSES, "clean", preset.defense_protocol))
-    bbs = list(backbones or preset.backbones)
+    bbs = _names("backbones", backbones or preset.backbones)
     for b in bbs:
         get_spec(b)
-    atk_specs = list(attacks or preset.attacks)
+    atk_specs = _specs("attacks", attacks or preset.attacks)
     # an attack's protocol may differ per backbone (``attack_protocol["scratch@vit_tiny"]``)
     atks = {b: [configure(ATTACKS, s, preset.attack_protocol, backbone=b) for s in atk_specs] for b in bbs}
-    for group, kind in ((defs, "defense"), (atks[bbs[0]] if bbs else [], "attack")):
+    for group, kind in ((defs, "defense"), (atks[bbs[0]], "attack")):
         labels = [c.label for c in group]
         dupes = sorted({x for x in labels if labels.count(x) > 1})
         if dupes:
             raise UEBenchError(f"{kind} {dupes[0]!r} is listed twice")
+    for b, configured in atks.items():
+        for a in configured:
+            a.plugin.check_backbone(b)
+    for c in [*defs, *atks[bbs[0]]]:
+        type(c.plugin).check_info()
     zoo = pretrain_config(preset.zoo)
     info = PresetInfo.of(preset)
     return [Cell(preset.name, ds, d, atks[b][i], b, s, zoo, info)
-            for s in (seeds or preset.seeds) for d in defs for i in range(len(atk_specs)) for b in bbs]
+            for s in seed_list for d in defs for i in range(len(atk_specs)) for b in bbs]
+
+
+def check_seeds(seeds: Sequence[int]) -> list[int]:
+    """Seeds are distinct integers in [0, SEED_MAX]; at least one."""
+    values = list(seeds) if isinstance(seeds, (list, tuple)) else None
+    if not values or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= SEED_MAX for s in values):
+        raise UEBenchError(f"seeds must be one or more integers in [0, {SEED_MAX}], got {seeds!r}")
+    if len(set(values)) != len(values):
+        raise UEBenchError(f"seeds {values} list a seed twice")
+    return values
+
+
+def _specs(what: str, specs: Sequence[str]) -> list[str]:
+    values = list(specs) if isinstance(specs, (list, tuple)) else None
+    if not values or not all(isinstance(s, str) for s in values):
+        raise UEBenchError(f"{what} must be one or more names (strings like 'em' or 'em:mode=class'), got {specs!r}")
+    return values
+
+
+def _names(what: str, names: Sequence[str]) -> list[str]:
+    values = _specs(what, names)
+    dupes = sorted({x for x in values if values.count(x) > 1})
+    if dupes:
+        raise UEBenchError(f"{what}: {dupes[0]!r} is listed twice")
+    return values
+
+
+def check_protocol(kind: str, protocol: Any) -> None:
+    """A protocol is a table of tables: ``{"*" | name | "name@backbone": {field: value}}``. A ``"*"`` field
+    must be a field of some registered plugin of this kind (a typo would otherwise apply to none)."""
+    registry = DEFENSES if kind == "defense" else ATTACKS
+    if not isinstance(protocol, dict):
+        raise UEBenchError(f"{kind}_protocol must be a table of tables, got {type(protocol).__name__}")
+    for key, fields in protocol.items():
+        if not isinstance(key, str) or not isinstance(fields, dict):
+            raise UEBenchError(f"{kind}_protocol[{key!r}] must be a table of fields, got {type(fields).__name__} "
+                               f"{fields!r}")
+    known = {f.name for n in registry.names() for f in dataclasses.fields(registry.get(n))
+             if dataclasses.is_dataclass(registry.get(n))}
+    unknown = sorted(set(map(str, protocol.get("*", {}))) - known)
+    if unknown:
+        raise UEBenchError(f"{kind}_protocol['*']: {unknown[0]!r} is a field of no registered {kind}; fields: "
+                           f"{', '.join(sorted(known))}")
 
 
 def reference_key(config: dict) -> str:

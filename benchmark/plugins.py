@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -19,6 +20,7 @@ from torch import nn
 from benchmark.choices import Granularity, Norm, check_choice
 from benchmark.data import ImageSet
 from benchmark.errors import UEBenchError
+from benchmark.registry import PLUGIN_NAME
 from benchmark.training import TrainConfig
 
 if TYPE_CHECKING:
@@ -168,12 +170,58 @@ class Fitted:
     trainable_parameters: int | None = None
 
 
+# What plugin metadata may hold, since it becomes page text and links: printable text of a bounded
+# length, and a paper that is an arXiv id or an https:// URL (not http://, javascript:, data:, ...).
+ARXIV_ID = re.compile(r"\d{4}\.\d{4,5}(v\d+)?")
+HTTPS_URL = re.compile(r"https://[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+(:\d{1,5})?(/[A-Za-z0-9._~:/?#\[\]@!$&()*+,;=%-]*)?")
+TEXT_LIMITS = {"title": 200, "venue": 100, "authors": 500, "paper": 300}  # characters
+
+
+def paper_url(paper: str) -> str:
+    """The link of a plugin's ``paper`` field: an arXiv id becomes its abs page, an https URL stays as it
+    is, anything else gives no link (``""``)."""
+    paper = (paper or "").strip() if isinstance(paper, str) else ""
+    if ARXIV_ID.fullmatch(paper):
+        return f"https://arxiv.org/abs/{paper}"
+    if len(paper) <= TEXT_LIMITS["paper"] and HTTPS_URL.fullmatch(paper):
+        return paper
+    return ""
+
+
+def info_problems(info: dict[str, Any]) -> list[str]:
+    """What is wrong with a plugin's metadata (``Plugin.plugin_info()``), one phrase per field; empty
+    metadata is fine here (``submit`` asks for more)."""
+    problems = []
+    name = info.get("name")
+    if not isinstance(name, str) or not PLUGIN_NAME.fullmatch(name):
+        problems.append(f"name={name!r} must be lower-case ASCII letters, digits and '_', at most 48 characters")
+    for key, limit in TEXT_LIMITS.items():
+        value = info.get(key, "")
+        if not isinstance(value, str):
+            problems.append(f"{key} must be a string, got {type(value).__name__}")
+        elif len(value) > limit or not value.isprintable():
+            problems.append(f"{key}={value[:40]!r}{'...' if len(value) > 40 else ''} must be at most {limit} "
+                            f"printable characters (no newlines or control characters), got {len(value)}")
+    paper = info.get("paper", "")
+    if isinstance(paper, str) and paper.strip() and not paper_url(paper):
+        problems.append(f"paper={paper[:60]!r} must be an arXiv id like '2101.04898' or an https:// URL")
+    year = info.get("year", 0)
+    if not isinstance(year, int) or isinstance(year, bool) or not (year == 0 or 1900 <= year <= 2100):
+        problems.append(f"year={year!r} must be an integer in [1900, 2100] (0: unknown)")
+    version = info.get("version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        problems.append(f"version={version!r} must be an integer >= 0")
+    if not isinstance(info.get("interpretation", False), bool):
+        problems.append(f"interpretation={info.get('interpretation')!r} must be True or False")
+    return problems
+
+
 class Plugin:
     """Metadata every plugin carries to the leaderboard (class attributes, not hyperparameters)."""
 
     name: ClassVar[str] = ""
     title: ClassVar[str] = ""
-    paper: ClassVar[str] = ""        # arXiv id (e.g. "2101.04898") or a URL
+    paper: ClassVar[str] = ""        # arXiv id (e.g. "2101.04898") or an https:// URL
     venue: ClassVar[str] = ""
     year: ClassVar[int] = 0
     authors: ClassVar[str] = ""
@@ -191,6 +239,13 @@ class Plugin:
     def plugin_info(cls) -> dict[str, Any]:
         return {"name": cls.name, "title": cls.title, "paper": cls.paper, "venue": cls.venue, "year": cls.year,
                 "authors": cls.authors, "interpretation": cls.interpretation, "version": cls.version}
+
+    @classmethod
+    def check_info(cls) -> None:
+        """Refuse metadata that may not become a file name, page text or a link (``info_problems``)."""
+        problems = info_problems(cls.plugin_info())
+        if problems:
+            raise UEBenchError(f"plugin {cls.name!r} ({cls.__qualname__}): bad metadata: " + "; ".join(problems))
 
 
 @dataclass(frozen=True)
@@ -286,6 +341,10 @@ class Attack(Plugin, TrainConfig):
                                f"got {type(out).__name__}")
         result.model.eval()
         return result
+
+    def check_backbone(self, backbone: str) -> None:
+        """Raise ``UEBenchError`` if this configured attack cannot run on ``backbone``. ``plan`` calls it for
+        every planned (attack, backbone) before any work starts; by default there is nothing to check."""
 
     def _fit(self, train: ImageSet, backbone: str, ctx: Context) -> Fitted | nn.Module:
         raise NotImplementedError(f"attack {type(self).name!r} does not implement _fit")

@@ -7,6 +7,7 @@ from a built-in preset. Protocol overrides apply per plugin name, ``"*"`` to eve
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,25 +120,77 @@ for _preset in (QUICK, STANDARD, PAPER):
 
 def load_preset(name_or_path: str) -> Preset:
     """A built-in preset by name, or a preset file (``.toml``)."""
+    return _load_preset(name_or_path, ())
+
+
+def _load_preset(name_or_path: str, seen: tuple[str, ...]) -> Preset:
+    if not isinstance(name_or_path, str) or not name_or_path:
+        raise UEBenchError(f"a preset is a name or a .toml file, got {name_or_path!r}")
     path = Path(name_or_path)
     if path.suffix != ".toml":
         return PRESETS.get(name_or_path)  # an unknown name fails with the valid names
     if not path.is_file():
         raise UEBenchError(f"preset file {name_or_path!r} does not exist")
+    if str(path.resolve()) in seen:
+        raise UEBenchError(f"preset file {name_or_path!r} extends itself (through {' -> '.join(seen)})")
     try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as exc:
         raise UEBenchError(f"preset file {name_or_path!r} is not valid TOML: {exc}") from exc
-    return preset_from_dict(data, default_name=path.stem)
+    return preset_from_dict(data, default_name=path.stem, _seen=(*seen, str(path.resolve())))
 
 
-def preset_from_dict(data: dict[str, Any], default_name: str = "custom") -> Preset:
-    base_name = data.pop("extends", None)
-    base = load_preset(base_name) if base_name else None
+# A preset's name becomes a folder and page text: letters, digits, then '_', '.', '+', '=' or '-'.
+PRESET_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.+=-]{0,62}[A-Za-z0-9])?")
+TABLES = ("defense_protocol", "attack_protocol", "zoo")
+
+
+def check_preset_data(data: dict[str, Any]) -> None:
+    """The type of every key of a preset table (a parsed TOML file), so that a bad value fails here in
+    one line: texts are strings, plugin and backbone lists are non-empty lists of strings, seeds a list of
+    integers >= 0, the dataset a name or a table, protocols tables of tables. Field values inside the
+    tables are checked against the plugins' own fields when the preset is planned."""
+    for key in ("name", "description", "protocol_note", "extends"):
+        if key in data and not isinstance(data[key], str):
+            raise UEBenchError(f"preset: {key} must be a string, got {type(data[key]).__name__} {data[key]!r}")
+    if "name" in data and not PRESET_NAME.fullmatch(data["name"]):
+        raise UEBenchError(f"preset: name={data['name'][:40]!r} must be 1 to 64 letters, digits, '_', '.', '+', "
+                           f"'=' or '-', starting and ending with a letter or digit")
+    for key in ("defenses", "attacks", "backbones"):
+        value = data.get(key, ["-"])
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) and v.strip() for v in value):
+            raise UEBenchError(f"preset: {key} must be a non-empty list of names, e.g. {key} = [\"a\", \"b\"]; "
+                               f"got {value!r}")
+    seeds = data.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or \
+            not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in seeds):
+        raise UEBenchError(f"preset: seeds must be a non-empty list of integers >= 0, e.g. seeds = [0, 1, 2]; "
+                           f"got {seeds!r}")
+    if "dataset" in data and not isinstance(data["dataset"], (str, dict)):
+        raise UEBenchError(f"preset: dataset must be a name or a [dataset] table, got {data['dataset']!r}")
+    for key in TABLES:
+        value = data.get(key, {})
+        if not isinstance(value, dict):
+            raise UEBenchError(f"preset: {key} must be a table, got {type(value).__name__} {value!r}")
+        for inner, fields in value.items():
+            if (key != "zoo" or inner in ("supervised", "sf", "augment")) and not isinstance(fields, dict):
+                raise UEBenchError(f"preset: [{key}.{inner}] must be a table of fields, got "
+                                   f"{type(fields).__name__} {fields!r}")
+
+
+def preset_from_dict(data: dict[str, Any], default_name: str = "custom", *, _seen: tuple[str, ...] = ()) -> Preset:
+    if not isinstance(data, dict):
+        raise UEBenchError(f"a preset is a table of keys, got {type(data).__name__}")
     valid = {f.name for f in dataclasses.fields(Preset)} | {"extends"}
-    unknown = sorted(set(data) - valid)
+    unknown = sorted(set(map(str, data)) - valid)
     if unknown:
         raise UEBenchError(f"preset: unknown key {unknown[0]!r}; valid keys: {', '.join(sorted(valid))}")
+    check_preset_data(data)
+    if "name" not in data and not PRESET_NAME.fullmatch(default_name):
+        raise UEBenchError(f"preset name {default_name!r} (from the file name) must be letters, digits, '_', '.', "
+                           f"'+', '=' or '-'; set name = \"...\" in the file")
+    base_name = data.pop("extends", None)
+    base = _load_preset(base_name, _seen) if base_name else None
     kwargs: dict[str, Any] = dataclasses.asdict(base) if base else {}
     if base:
         kwargs["dataset"] = base.dataset

@@ -14,6 +14,7 @@ entry-point groups ``uebench.defenses`` / ``uebench.attacks``, or as a dotted pa
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.metadata
 import importlib.util
@@ -32,6 +33,8 @@ T = TypeVar("T")
 # lower-case words joined by ``_``, ``-`` or ``.``, optionally a family ``prefix:<placeholder>`` such as
 # ``hf:<name-or-path>``, which serves every name that starts with ``prefix:``.
 SLUG = re.compile(r"[a-z0-9][a-z0-9_.-]*(:<[a-z-]+>)?")
+# Plugin names become file names and page text: lower-case ASCII Python identifiers, at most 48 characters.
+PLUGIN_NAME = re.compile(r"[a-z_][a-z0-9_]{0,47}")
 
 
 def _describe(obj: object) -> str:
@@ -43,7 +46,7 @@ def _describe(obj: object) -> str:
 class Registry(Generic[T]):
     """Name -> object. Registration is a decorator; duplicates and unknown names fail loudly.
 
-    ``entry_point_group`` makes it a plugin registry: names must be Python identifiers, registered
+    ``entry_point_group`` makes it a plugin registry: names must be lower-case Python identifiers, registered
     classes get their ``name`` attribute set, and entry points and dotted paths are ways in.
     ``also`` is appended to the list of valid names in the unknown-name error (e.g. "or a .toml file").
     """
@@ -64,9 +67,10 @@ class Registry(Generic[T]):
         """Register ``obj`` under ``name`` (default: its ``name`` attribute) and return it."""
         key = name or getattr(obj, "name", None)
         if self.entry_point_group is not None:
-            if not isinstance(key, str) or not key.isidentifier():
+            if not isinstance(key, str) or not PLUGIN_NAME.fullmatch(key):
                 raise UEBenchError(f"{self.kind} {getattr(obj, '__qualname__', obj)}: name {key!r} must be a "
-                                   f"Python identifier")
+                                   f"Python identifier of lower-case ASCII letters, digits and '_', at most 48 "
+                                   f"characters")
         elif not isinstance(key, str) or not SLUG.fullmatch(key):
             raise UEBenchError(f"{self.kind} {_describe(obj)}: name {key!r} must be lower-case letters, digits, "
                                f"'_', '-' or '.' (a family: 'prefix:<placeholder>')")
@@ -140,11 +144,14 @@ class Registry(Generic[T]):
         module_name, _, attr = path.partition(":")
         try:
             module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise UEBenchError(f"cannot import {self.kind} module {module_name!r}: {exc}") from exc
+        except Exception as exc:  # a module that fails to import is the user's error, named in one line
+            raise UEBenchError(f"cannot import {self.kind} module {module_name!r}: {type(exc).__name__}: "
+                               f"{exc}") from exc
         cls = getattr(module, attr, None)
         if not isinstance(cls, type):
             raise UEBenchError(f"{module_name!r} has no class {attr!r}")
+        if not dataclasses.is_dataclass(cls):  # nothing else is registered (or renamed) by a dotted path
+            raise UEBenchError(f"{self.kind} {path!r}: {attr} is not a plugin (a dataclass)")
         if cls not in self._entries.values():
             self.register(getattr(cls, "name", None) or attr.lower())(cls)
         return cls

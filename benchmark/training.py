@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -258,8 +259,11 @@ def resolve_device(name: str) -> torch.device:
     """'auto' picks CUDA when present, else the CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+    if name != "cpu" and not re.fullmatch(r"cuda(:\d{1,3})?", name):
         raise UEBenchError(f"--device must be auto, cpu or cuda[:N], got {name!r}")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UEBenchError(f"--device {name}: no CUDA device is available here")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise UEBenchError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices "
+                           f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     return torch.device(name)

@@ -22,6 +22,7 @@ Built checkpoints are cached under ``<cache>/zoo/`` by a hash of everything that
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import asdict, dataclass, replace
@@ -36,7 +37,7 @@ from benchmark import PROTOCOL_VERSION
 from benchmark.augment import StrongAugment
 from benchmark.cache import Cache, tensor_digest
 from benchmark.choices import PRETRAINED_SOURCES, WEIGHT_SOURCES, PretrainedSource, WeightSource, check_choice
-from benchmark.config import stable_hash
+from benchmark.config import convert_fields, instantiate, stable_hash
 from benchmark.data import ImageSet
 from benchmark.errors import UEBenchError
 from benchmark.models import Classifier, create_model, get_spec
@@ -76,6 +77,9 @@ class PretrainConfig:
             raise UEBenchError(f"zoo: sf_init={self.sf_init!r} must be 'random' or 'supervised'")
         if self.label_weight < 0:
             raise UEBenchError(f"zoo: label_weight={self.label_weight} must be >= 0")
+        if not self.temperature > 0 or self.projection_dim < 1 or self.seed < 0:
+            raise UEBenchError(f"zoo: temperature={self.temperature} must be > 0, projection_dim="
+                               f"{self.projection_dim} >= 1 and seed={self.seed} >= 0")
 
 
 class Projected(nn.Module):
@@ -115,23 +119,22 @@ def _contrastive_loss(cfg: PretrainConfig, gen: torch.Generator):
 
 
 def pretrain_config(overrides: dict | None) -> PretrainConfig:
-    """A ``PretrainConfig`` from a preset's ``zoo`` table: ``{"supervised": {...}, "sf": {...}, ...}``."""
+    """A ``PretrainConfig`` from a preset's ``zoo`` table: ``{"supervised": {...}, "sf": {...}, ...}``. Every
+    value is checked against its field's type (``benchmark.config.convert_fields``) and range."""
+    if overrides is not None and not isinstance(overrides, dict):
+        raise UEBenchError(f"zoo must be a table, got {type(overrides).__name__} {overrides!r}")
     overrides = dict(overrides or {})
     base = PretrainConfig()
     kwargs = {}
     for name in PRETRAINED_SOURCES:
         if name in overrides:
-            fields = overrides.pop(name)
-            bad = sorted(set(fields) - set(TrainConfig.__dataclass_fields__))
-            if bad:
-                raise UEBenchError(f"zoo.{name}: unknown field {bad[0]!r}; valid: {', '.join(TrainConfig.__dataclass_fields__)}")
-            kwargs[name] = replace(getattr(base, name), **fields)
+            fields = convert_fields(TrainConfig, overrides.pop(name), f"zoo.{name}")
+            kwargs[name] = instantiate(functools.partial(replace, getattr(base, name)), fields, f"zoo.{name}")
     if "augment" in overrides:
-        kwargs["augment"] = replace(base.augment, **overrides.pop("augment"))
-    bad = sorted(set(overrides) - set(PretrainConfig.__dataclass_fields__))
-    if bad:
-        raise UEBenchError(f"zoo: unknown field {bad[0]!r}; valid: {', '.join(PretrainConfig.__dataclass_fields__)}")
-    return replace(base, **kwargs, **overrides)
+        fields = convert_fields(StrongAugment, overrides.pop("augment"), "zoo.augment")
+        kwargs["augment"] = instantiate(functools.partial(replace, base.augment), fields, "zoo.augment")
+    scalars = convert_fields(PretrainConfig, overrides, "zoo")
+    return instantiate(functools.partial(replace, base), {**kwargs, **scalars}, "zoo")
 
 
 def pretrain(backbone: str, source: str, pool: ImageSet, cfg: PretrainConfig, *, device: torch.device,

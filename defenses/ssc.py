@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from benchmark.choices import PRETRAINED_SOURCES
 from benchmark.data import ImageSet
 from benchmark.errors import UEBenchError
-from benchmark.models import Classifier, get_spec
+from benchmark.models import Classifier, body_stages, get_spec
 from benchmark.plugins import Check, Context, Defense, Protected, certificate
 from benchmark.registry import DEFENSES
 from benchmark.training import error_rate, make_optimizer, to_float, train_step
@@ -192,6 +192,9 @@ class ShallowSemanticCamouflage(Defense):
             if not ok:
                 raise UEBenchError(f"ssc: {name}={value!r} must be {rule}")
         get_spec(self.surrogate_backbone)  # raises with the valid names
+        if self.k > body_stages(self.surrogate_backbone):
+            raise UEBenchError(f"ssc: k={self.k} must be in [1, {body_stages(self.surrogate_backbone)}], the body "
+                               f"stages of surrogate_backbone {self.surrogate_backbone!r}")
 
     def surrogate(self, train: ImageSet, ctx: Context) -> tuple[Classifier, Subspace]:
         """The surrogate with h_s frozen, and the subspace from clean statistics of h_s."""

@@ -22,8 +22,9 @@ import pandas as pd
 
 from benchmark import PROTOCOL_VERSION, __version__
 from benchmark.errors import UEBenchError
-from leaderboard.scores import (CELL_COLUMNS, CELL_KEYS, METADATA_FIELDS, Leaderboard, paper_url, score,
-                                seed_certificates, slug)
+from benchmark.plugins import info_problems
+from leaderboard.scores import (CELL_COLUMNS, CELL_KEYS, METADATA_FIELDS, Leaderboard, group_dir, paper_url,
+                                score, seed_certificates, slug)
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,8 @@ def plain(value: Any) -> Any:
 
 
 def entry_path(root: Path, group: str, defense: str) -> Path:
-    return Path(root) / group / f"{slug(defense)}.json"
+    """``root/<group>/<slug of the defense label>.json``; a group such as ``../x`` is refused (``group_dir``)."""
+    return group_dir(root, group) / f"{slug(defense)}.json"
 
 
 def make_entries(board: Leaderboard) -> dict[tuple[str, str], dict[str, Any]]:
@@ -123,7 +125,34 @@ def read_entry(path: str | Path) -> dict[str, Any]:
                            "threat_model", "attacks") if k not in entry]
     if missing:
         raise UEBenchError(f"leaderboard entry {path}: missing field(s) {', '.join(missing)}")
+    problems = entry_problems(entry, path.parent.name)
+    if problems:
+        raise UEBenchError(f"leaderboard entry {path}: " + "; ".join(problems))
     return entry
+
+
+LABEL_MAX = 300  # characters of a defense or attack label, a preset or a data set name in an entry
+
+
+def entry_problems(entry: Mapping[str, Any], folder: str) -> list[str]:
+    """What may not become a file name or page text: the group must be its folder's (safe) name, labels
+    printable and bounded, the metadata as ``benchmark.plugins.info_problems`` requires."""
+    problems = []
+    if entry["group"] != folder or slug(str(entry["group"])) != entry["group"]:
+        problems.append(f"group {entry['group']!r} must be the name of the entry's folder {folder!r}")
+    for key in ("defense", "name", "preset", "dataset"):
+        value = entry[key]
+        if not isinstance(value, str) or not value or len(value) > LABEL_MAX or not value.isprintable():
+            problems.append(f"{key}={str(value)[:40]!r} must be printable text of 1 to {LABEL_MAX} characters")
+    info = {k: entry[k] for k in ("name", "title", "paper", "venue", "year", "authors", "interpretation", "version")
+            if entry.get(k) is not None}
+    problems += info_problems(info)
+    for key in ("grid", "results"):
+        if not isinstance(entry[key], list) or not all(isinstance(r, dict) for r in entry[key]):
+            problems.append(f"{key} must be a list of objects")
+    if not isinstance(entry["attacks"], dict) or not isinstance(entry["threat_model"], dict):
+        problems.append("attacks and threat_model must be objects")
+    return problems
 
 
 def entry_files(root: str | Path, groups: Iterable[str] | None = None) -> list[Path]:
@@ -150,6 +179,35 @@ def _num(v: Any) -> float:
     return float("nan") if v is None else float(v)
 
 
+def _entry_rows(e: dict[str, Any], path: Path, rows: list, grid: list, metadata: dict, presets: dict) -> None:
+    """Append the rows, grid and metadata of one entry (read_entry checked its fields)."""
+    if (e["group"], e["defense"]) in metadata:
+        raise UEBenchError(f"leaderboard entry {path}: {e['defense']!r} appears twice in {e['group']!r}")
+    meta = metadata[(e["group"], e["defense"])] = entry_metadata(e)
+    if e.get("protocol"):
+        presets.setdefault(e["preset"], e["protocol"])
+    perturbation = {p["seed"]: {k: v for k, v in p.items() if k != "seed"} for p in e.get("perturbation", [])}
+    for cert in e.get("certificates", []):  # older entries have none: their defenses show no certificate
+        seed = int(cert["seed"])
+        perturbation.setdefault(seed, {}).setdefault("certificate", {k: v for k, v in cert.items() if k != "seed"})
+    for r in e["results"]:
+        attack_cfg = e["attacks"].get(r["attack"], {})
+        rows.append({
+            "group": e["group"], "preset": e["preset"], "dataset": e["dataset"],
+            "num_classes": _num(e["num_classes"]), "defense": e["defense"], "defense_name": e["name"],
+            "attack": r["attack"], "attack_name": attack_cfg.get("name", ""),
+            "k": float(attack_cfg["k"]) if "k" in attack_cfg else float("nan"),
+            "backbone": r["backbone"], "seed": int(r["seed"]), "status": r["status"],
+            "accuracy": _num(r.get("accuracy")), "clean_accuracy": _num(r.get("clean_accuracy")),
+            "train_accuracy": _num(r.get("train_accuracy")), "seconds": _num(r.get("seconds")),
+            "error": r.get("error"), "key": r.get("key", ""), "defense_config": e.get("config", {}),
+            "attack_config": attack_cfg, "dataset_config": e.get("dataset_config", {}),
+            "perturbation": perturbation.get(int(r["seed"]), {}), "environment": e.get("environment", {}),
+            "metadata": {"defense": meta, "preset": e.get("protocol") or {}},
+        })
+    grid += [{"group": e["group"], **g} for g in e["grid"]]
+
+
 def load_entries(root: str | Path = ENTRIES_DIR, groups: Iterable[str] | None = None) -> Leaderboard:
     """The leaderboard of the committed entries (all groups, or only ``groups``)."""
     files = entry_files(root, groups)
@@ -161,31 +219,12 @@ def load_entries(root: str | Path = ENTRIES_DIR, groups: Iterable[str] | None = 
     rows, grid, metadata, presets = [], [], {}, {}
     for path in files:
         e = read_entry(path)
-        if (e["group"], e["defense"]) in metadata:
-            raise UEBenchError(f"leaderboard entry {path}: {e['defense']!r} appears twice in {e['group']!r}")
-        meta = metadata[(e["group"], e["defense"])] = entry_metadata(e)
-        if e.get("protocol"):
-            presets.setdefault(e["preset"], e["protocol"])
-        perturbation = {p["seed"]: {k: v for k, v in p.items() if k != "seed"} for p in e.get("perturbation", [])}
-        for cert in e.get("certificates", []):  # older entries have none: their defenses show no certificate
-            seed = int(cert["seed"])
-            perturbation.setdefault(seed, {}).setdefault("certificate", {k: v for k, v in cert.items() if k != "seed"})
-        for r in e["results"]:
-            attack_cfg = e["attacks"].get(r["attack"], {})
-            rows.append({
-                "group": e["group"], "preset": e["preset"], "dataset": e["dataset"],
-                "num_classes": _num(e["num_classes"]), "defense": e["defense"], "defense_name": e["name"],
-                "attack": r["attack"], "attack_name": attack_cfg.get("name", ""),
-                "k": float(attack_cfg["k"]) if "k" in attack_cfg else float("nan"),
-                "backbone": r["backbone"], "seed": int(r["seed"]), "status": r["status"],
-                "accuracy": _num(r.get("accuracy")), "clean_accuracy": _num(r.get("clean_accuracy")),
-                "train_accuracy": _num(r.get("train_accuracy")), "seconds": _num(r.get("seconds")),
-                "error": r.get("error"), "key": r.get("key", ""), "defense_config": e.get("config", {}),
-                "attack_config": attack_cfg, "dataset_config": e.get("dataset_config", {}),
-                "perturbation": perturbation.get(int(r["seed"]), {}), "environment": e.get("environment", {}),
-                "metadata": {"defense": meta, "preset": e.get("protocol") or {}},
-            })
-        grid += [{"group": e["group"], **g} for g in e["grid"]]
+        try:
+            _entry_rows(e, path, rows, grid, metadata, presets)
+        except UEBenchError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise UEBenchError(f"leaderboard entry {path}: malformed ({type(exc).__name__}: {exc})") from exc
     cells = pd.DataFrame(rows, columns=CELL_COLUMNS)
     return score(cells, grid=pd.DataFrame(grid, columns=["group", *CELL_KEYS]), metadata=metadata, presets=presets)
 

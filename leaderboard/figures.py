@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 
 from benchmark.metrics import PSNR_CAP, perturbation_quality
-from benchmark.models import create_model
+from benchmark.models import body_stages
 from benchmark.execute import LocalExecutor, run_grid
 from benchmark.plan import Cell, plan
 from benchmark.presets import Preset
@@ -145,10 +145,6 @@ def paradigm_gap(req: Request) -> list[Path]:
                                f"training on protected data (lower = stronger protection)")
     numbers = numbers[["defense", "attack", "backbone", *SEED_AVERAGED, "gap_vs_scratch"]]
     return paths + [_write_csv(_plan_order(numbers, g.cells), req.stem / "paradigm-gap.csv")]
-
-
-def body_stages(backbone: str) -> int:
-    return create_model(backbone, 10).num_body_stages
 
 
 @figure("freeze-depth", "accuracy versus the number of frozen shallow stages k of a pretrained backbone "

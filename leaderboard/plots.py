@@ -17,7 +17,7 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from leaderboard.scores import Leaderboard
+from leaderboard.scores import Leaderboard, group_dir
 
 FORMATS = ("png", "pdf")
 ACCURACY_CMAP = colormaps["viridis"].with_extremes(bad="#d0d0d0")  # grey = missing or failed
@@ -223,7 +223,7 @@ def write_plots(board: Leaderboard, out_dir: str | Path) -> dict[str, list[Path]
     out: dict[str, list[Path]] = {}
     for group in board.groups():
         sub = board.subset(group)
-        d = Path(out_dir) / group
+        d = group_dir(out_dir, group)  # refuses a group name such as '../x'
         out[group] = heatmap(sub, d / "heatmap") + worst_case_bars(sub, d / "worst_case") + \
             freeze_depth(sub, d / "freeze_depth")
     return out

@@ -19,16 +19,19 @@ Rules (DESIGN.md, "Results"):
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
-from benchmark.plugins import Certificate
+from benchmark.errors import UEBenchError
+from benchmark.plugins import Certificate, paper_url
 from benchmark.store import Store
 
 log = logging.getLogger(__name__)
@@ -42,7 +45,6 @@ CELL_COLUMNS = ["group", "preset", "dataset", "num_classes", "defense", "defense
                 "environment", "metadata"]
 METADATA_FIELDS = ("title", "paper", "venue", "year", "authors", "norm", "budget", "granularity",
                    "interpretation", "version")
-ARXIV_ID = re.compile(r"^\d{4}\.\d{4,5}(v\d+)?$")
 
 
 @dataclass(frozen=True)
@@ -79,16 +81,6 @@ class Leaderboard:
 
 
 # ------------------------------------------------------------------------------------ metadata
-
-def paper_url(paper: str) -> str:
-    """A link for a plugin's ``paper`` field: an arXiv id becomes its abs page; only http(s) URLs pass."""
-    paper = (paper or "").strip()
-    if ARXIV_ID.match(paper):
-        return f"https://arxiv.org/abs/{paper}"
-    if paper.lower().startswith(("https://", "http://")):
-        return paper
-    return ""
-
 
 def budget_text(norm: str, budget: float | None) -> str:
     """``linf`` budgets in /255 units, ``l2`` as a number, ``l0`` in pixels, ``none`` as a dash."""
@@ -128,9 +120,27 @@ def group_names(pairs: Sequence[tuple[str, str]],
     return out
 
 
+SLUG_MAX = 120  # characters of a file or folder name made from a label
+
+
 def slug(text: str) -> str:
-    """A file-name-safe form of a label: ``random_noise(mode=class)`` -> ``random_noise_mode=class``."""
-    return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", text).strip("_.") or "_"
+    """A file-name-safe form of a label: ``random_noise(mode=class)`` -> ``random_noise_mode=class``.
+
+    Only ``A-Z a-z 0-9 _ . = + -``, never starting or ending with ``.`` or ``_`` (so never ``..``), at most
+    ``SLUG_MAX`` characters (a longer one ends in a hash of the label, so labels stay apart)."""
+    out = re.sub(r"[^A-Za-z0-9_.=+-]+", "_", str(text)).strip("_.") or "_"
+    if len(out) > SLUG_MAX:
+        out = f"{out[:SLUG_MAX - 13]}-{hashlib.sha256(str(text).encode()).hexdigest()[:12]}"
+    return out
+
+
+def group_dir(root: str | Path, group: str) -> Path:
+    """The folder of ``group`` under ``root``. A group name that is not its own ``slug`` (``../x``, ``a/b``)
+    is refused, so nothing is ever written outside ``root``."""
+    if not isinstance(group, str) or slug(group) != group:
+        raise UEBenchError(f"group name {group!r} is not a safe folder name (letters, digits, '_', '.', '=', '+', "
+                           f"'-'; e.g. {slug(str(group))!r})")
+    return Path(root) / group
 
 
 def cells_from_store(store: Store, keys: Sequence[str] | None = None,

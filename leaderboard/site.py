@@ -2,7 +2,8 @@
 
 No external assets: styles and a few lines of script are inline, plots are inlined as base64 PNGs,
 and a Content-Security-Policy forbids loading anything else. Every text that comes from a plugin or
-a results store is HTML-escaped; links are made only from http(s) URLs and arXiv ids.
+a results store is HTML-escaped; links are made only from https:// URLs and arXiv ids
+(``benchmark.plugins.paper_url``).
 """
 
 from __future__ import annotations

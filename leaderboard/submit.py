@@ -4,8 +4,10 @@ Steps, and what refuses a submission (with a message naming the problem; the sto
 are left unchanged by a refusal):
 
 1. load the file: it must register exactly one defense (and no attack);
-2. metadata: title, paper (arXiv id or http(s) URL), venue and year, a declared norm (with a positive
-   budget unless ``none``) and granularity (``class`` or ``sample``);
+2. metadata: title, paper (an arXiv id or an https:// URL; http:// is refused, since the page links it), venue
+   and year, a declared norm (with a positive budget unless ``none``) and granularity (``class`` or
+   ``sample``); the name and every text field must pass ``benchmark.plugins.info_problems`` (allowed
+   characters and lengths), as they become file names and page text;
 3. a trial ``perturb`` on a few images of the preset's training set, through ``Defense.perturb`` (the
    engine's shape, label and budget checks), then the full protected set of every seed (cached), whose
    certificates are reported (a defense that returns none is warned about, not refused);
@@ -16,7 +18,6 @@ are left unchanged by a refusal):
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,14 +28,13 @@ from benchmark.choices import GRANULARITIES, NORMS
 from benchmark.config import configure
 from benchmark.data import balanced_subset
 from benchmark.errors import UEBenchError
-from benchmark.plugins import Certificate, Defense
+from benchmark.plugins import Certificate, Defense, info_problems, paper_url
 from benchmark.presets import Preset
 from benchmark.execute import LocalExecutor, run_grid
 from benchmark.plan import plan
 from benchmark.registry import ATTACKS, DEFENSES, load_plugin_file
 from leaderboard.build import Published, cells_board, plan_grid, publish
 from leaderboard.entries import entry_path, load_entries, read_entry, write_entries
-from leaderboard.scores import ARXIV_ID
 from leaderboard.tables import markdown, ranking_frame
 
 log = logging.getLogger(__name__)
@@ -112,17 +112,21 @@ def check_metadata(cls: type[Defense], path: str | Path = "") -> Defense:
         raise _fail(path, f"{cls.name}() with its default hyperparameters fails: {exc}") from exc
     except Exception as exc:
         raise _fail(path, f"{cls.name}() with its default hyperparameters raised {type(exc).__name__}: {exc}") from exc
-    meta = plugin.metadata()
-    problems = []
+    try:
+        meta = plugin.metadata()
+    except (UEBenchError, TypeError, ValueError) as exc:
+        raise _fail(path, f"{cls.name}: its threat model cannot be read: {exc}") from exc
+    problems = info_problems(cls.plugin_info())
     if not str(meta.get("title") or "").strip():
         problems.append("title is empty (set the class attribute title = '...')")
     paper = str(meta.get("paper") or "").strip()
-    if not (ARXIV_ID.match(paper) or re.match(r"^https?://\S+$", paper)):
-        problems.append(f"paper={paper!r} must be an arXiv id like '2101.04898' or an http(s) URL")
+    if not paper_url(paper) and not any(p.startswith("paper=") for p in problems):
+        problems.append(f"paper={paper[:60]!r} must be an arXiv id like '2101.04898' or an https:// URL")
     if not str(meta.get("venue") or "").strip():
         problems.append("venue is empty (e.g. 'ICLR', or 'arXiv' for a preprint)")
     year = meta.get("year")
-    if not isinstance(year, int) or not 1990 <= year <= 2100:
+    if isinstance(year, int) and not isinstance(year, bool) and not 1990 <= year <= 2100 \
+            and not any(p.startswith("year=") for p in problems):
         problems.append(f"year={year!r} must be the publication year")
     declared = {k for klass in cls.__mro__ if klass not in Defense.__mro__ for k in vars(klass)}
     if "norm" not in declared or meta["norm"] not in NORMS:
@@ -134,7 +138,8 @@ def check_metadata(cls: type[Defense], path: str | Path = "") -> Defense:
     if not granularity_declared or meta["granularity"] not in GRANULARITIES[:2]:
         problems.append(f"granularity must be declared, 'class' or 'sample'; found {meta['granularity']!r}")
     if problems:
-        raise _fail(path, f"defense {cls.name!r} has incomplete metadata: " + "; ".join(problems))
+        raise _fail(path, f"defense {cls.name!r} has incomplete metadata or metadata that cannot be published: "
+                          + "; ".join(problems))
     return plugin
 
 

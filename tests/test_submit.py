@@ -90,6 +90,33 @@ class A(Defense):
 class B(Defense):
     pass
 """, "exactly one defense"),
+    "http_paper": ("""
+@DEFENSES.register("bad_http")
+@dataclass(frozen=True)
+class Bad(Defense):
+    eps: float = 8 / 255
+""" + META.replace('"2101.04898"', '"http://example.org/paper.pdf"') + """
+    def _perturb(self, train, ctx):
+        return train
+""", "must be an arXiv id like '2101.04898' or an https:// URL"),
+    "title_with_newline": ("""
+@DEFENSES.register("bad_title")
+@dataclass(frozen=True)
+class Bad(Defense):
+    eps: float = 8 / 255
+""" + META.replace('"A test defense"', '"A test\\ndefense"') + """
+    def _perturb(self, train, ctx):
+        return train
+""", "printable characters (no newlines or control characters)"),
+    "path_as_name": ("""
+@DEFENSES.register("../../x")
+@dataclass(frozen=True)
+class Bad(Defense):
+    eps: float = 8 / 255
+""" + META + """
+    def _perturb(self, train, ctx):
+        return train
+""", "lower-case ASCII letters, digits and '_'"),
     "nothing": ("x = 1\n", "registered nothing"),
     "syntax_error": ("def broken(:\n", "failed to import"),
 }

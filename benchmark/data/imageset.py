@@ -15,6 +15,8 @@ import torch
 from benchmark.errors import UEBenchError
 from benchmark.registry import Registry
 
+SIZE_MAX = 10_000_000  # images in one split: more than any supported data set holds
+
 
 @dataclass(frozen=True)
 class ImageSet:
@@ -79,6 +81,27 @@ class DatasetConfig:
     label_column: str = "label"   # hf: only
     verify_checksums: bool = True  # cifar/svhn: files must match torchvision's md5 checksums
 
+    def __post_init__(self) -> None:
+        """Types and ranges, checked when a preset or the command line makes the config (before any work)."""
+        for name in ("train_size", "test_size", "source_size"):
+            n = getattr(self, name)
+            if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= SIZE_MAX):
+                raise UEBenchError(f"dataset {self.name!r}: {name}={n!r} must be an integer in [1, {SIZE_MAX}] (or "
+                                   f"unset for the whole split); a class-balanced sample also needs at least one "
+                                   f"image per class")
+        seed = self.sample_seed
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= 2**31 - 1:
+            raise UEBenchError(f"dataset {self.name!r}: sample_seed={seed!r} must be an integer in [0, {2**31 - 1}]")
+        texts = {"name": self.name, "image_column": self.image_column, "label_column": self.label_column}
+        for name, value in texts.items():
+            if not isinstance(value, str) or not value.strip():
+                raise UEBenchError(f"dataset: {name}={value!r} must be a non-empty string")
+        if self.data_root is not None and not isinstance(self.data_root, str):
+            raise UEBenchError(f"dataset {self.name!r}: data_root={self.data_root!r} must be a path (a string)")
+        for name in ("download", "verify_checksums"):
+            if not isinstance(getattr(self, name), bool):
+                raise UEBenchError(f"dataset {self.name!r}: {name}={getattr(self, name)!r} must be true or false")
+
     def key(self) -> dict:
         """The fields that decide the content (the location of files does not).
 
@@ -98,5 +121,44 @@ DATASETS: Registry[Loader] = Registry("data set")
 
 
 def load_dataset(cfg: DatasetConfig) -> Splits:
-    """Load (or generate) a data set and cut it to the configured sizes."""
-    return DATASETS.get(cfg.name)(cfg)  # an unknown name fails with the valid names
+    """Load (or generate) a data set and cut it to the configured sizes; ``check_splits`` refuses data that
+    would otherwise crash deep in training."""
+    return check_splits(cfg, DATASETS.get(cfg.name)(cfg))  # an unknown name fails with the valid names
+
+
+def check_splits(cfg: DatasetConfig, splits: Splits) -> Splits:
+    """At least two classes, each with training and test images; at least two images per split (batch norm
+    needs two); train, test and source pool share one image size, RGB of at least 8 x 8. Raises
+    ``UEBenchError`` naming what is wrong."""
+    classes = splits.train.classes
+    if len(classes) < 2:
+        raise UEBenchError(f"{cfg.name}: {len(classes)} class(es) {list(classes)}; a classifier needs at least 2")
+    for role, size in (("train", cfg.train_size), ("test", cfg.test_size)):
+        if size is not None and size < len(classes):
+            raise UEBenchError(f"{cfg.name}: {role}_size={size} is smaller than its {len(classes)} classes; a "
+                               f"class-balanced sample needs at least one image per class (>= {len(classes)})")
+    parts = {"train": splits.train, "test": splits.test, **({"source": splits.source} if splits.source else {})}
+    for role, data in parts.items():
+        if len(data) < 2:
+            raise UEBenchError(f"{cfg.name}: the {role} split holds {len(data)} image(s); at least 2 are needed")
+        if data.image_shape[0] != 3 or min(data.image_shape[1:]) < 8:
+            raise UEBenchError(f"{cfg.name}: {role} images are {_shape_text(data.image_shape)} (C x H x W); "
+                               f"the backbones need 3 channels (RGB) of at least 8 x 8 pixels")
+    if splits.test.classes != classes:
+        raise UEBenchError(f"{cfg.name}: the train and test splits name different classes")
+    for role in ("train", "test"):
+        counts = torch.bincount(parts[role].labels, minlength=len(classes))
+        empty = [classes[i] for i in range(len(classes)) if counts[i] == 0]
+        if empty:
+            raise UEBenchError(f"{cfg.name}: class {empty[0]!r} has no {role} images ({len(empty)} of "
+                               f"{len(classes)} classes are empty); every class needs at least one")
+    shapes = {role: data.image_shape for role, data in parts.items()}
+    if len(set(shapes.values())) > 1:
+        raise UEBenchError(f"{cfg.name}: images of different sizes across splits ("
+                           f"{', '.join(f'{r} {_shape_text(s)}' for r, s in shapes.items())}); "
+                           f"resize them to one size")
+    return splits
+
+
+def _shape_text(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape))
