@@ -19,7 +19,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -27,6 +27,7 @@ from benchmark.choices import GRANULARITIES, NORMS
 from benchmark.config import configure
 from benchmark.data import balanced_subset
 from benchmark.errors import UEBenchError
+from benchmark.isolation import Handout
 from benchmark.plugins import Certificate, Defense
 from benchmark.presets import Preset
 from benchmark.execute import LocalExecutor, run_grid
@@ -146,17 +147,21 @@ def trial(executor: LocalExecutor, cells: list, label: str, path: str | Path) ->
     splits = executor.splits(first.dataset)
     few, _ = balanced_subset(splits.train, min(len(splits.train), TRIAL_PER_CLASS * splits.train.num_classes),
                              first.seed)
-    ctx = executor.context(first)
-    steps = [("a trial on a few images", None, lambda: first.defense.plugin.perturb(few, ctx))]
+
+    def on_few() -> None:
+        with Handout(f"defense {label!r}") as handout:
+            first.defense.plugin.perturb(handout.copy(few, "the clean training"), executor.context(first, handout))
+
+    steps: list[tuple[str, int | None, Callable[[], Any]]] = [("a trial on a few images", None, on_few)]
     for seed in sorted({c.seed for c in mine}):
         cell = next(c for c in mine if c.seed == seed)
-        steps.append((f"the full training set (seed {seed})", seed, lambda cell=cell: executor.protected(cell)))
+        steps.append((f"the full training set (seed {seed})", seed, lambda cell=cell: executor.protected(cell)[1]))
     metas: dict[int, dict[str, Any]] = {}
     for what, seed, step in steps:
         try:
-            out = step()
+            meta = step()
             if seed is not None:
-                metas[seed] = out[1]
+                metas[seed] = meta
         except UEBenchError as exc:
             raise _fail(path, f"perturb on {what} failed the engine's checks: {exc}") from exc
         except Exception as exc:
