@@ -1,6 +1,6 @@
 """Execution: an ``Executor`` turns planned cells into ``CellRecord``s; the driver writes them.
 
-``Executor`` is the seam: ``LocalExecutor`` runs cells one at a time in this process; another
+``Executor`` is the seam: ``LocalExecutor`` runs cells one at a time (in a child under a time limit); another
 executor (e.g. one task per cell on a cluster) is a new class with the same ``run``. Executors never
 touch the store: ``run_grid``, the driver, skips finished keys, writes each record as it arrives
 (one transaction per cell, so a killed run resumes), then the CSVs. One failing cell is recorded as
@@ -18,13 +18,14 @@ import time
 import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence, TypeVar
 
 import torch
 from tqdm.auto import tqdm
 
 from benchmark import __version__
 from benchmark.cache import Cache
+from benchmark.child import ChildFailed, call_in_child, check_timeout
 from benchmark.config import stable_hash
 from benchmark.data import DatasetConfig, ImageSet, Splits, load_dataset
 from benchmark.errors import UEBenchError
@@ -38,6 +39,7 @@ from benchmark.training import evaluate
 from benchmark.zoo import Zoo
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Executor(Protocol):
@@ -68,15 +70,23 @@ def cell_metadata(cell: Cell) -> dict[str, Any]:
 
 
 class LocalExecutor:
-    """Runs cells in this process, one at a time; data sets and protected sets are built once, and
-    plugins get copies of them (``benchmark.isolation``)."""
+    """Runs cells one at a time; data sets and protected sets are built once, plugins get copies.
 
-    def __init__(self, cache_dir: str | Path, *, device: torch.device, progress: bool = True) -> None:
+    With ``cell_timeout`` (seconds) each cell runs in a forked child (``benchmark.child``) and fails
+    with "timed out after N s" or "crashed: killed by signal 11 (SIGSEGV)" while the grid goes on;
+    protected sets and zoo weights it builds reach later cells through the disk cache. Without one
+    (the default) cells run in this process.
+    """
+
+    def __init__(self, cache_dir: str | Path, *, device: torch.device, progress: bool = True,
+                 cell_timeout: float | None = None) -> None:
         self.device = device
         self.cache = Cache(cache_dir)
         self.progress = progress
+        self.cell_timeout = check_timeout(cell_timeout, "cell_timeout")
         self._splits: dict[str, Splits] = {}
         self._protected: dict[str, tuple[ImageSet, dict, float]] = {}
+        self._given_up: dict[str, str] = {}  # protected key -> why its generation failed in a child
         self._env = environment(device)
 
     def splits(self, cfg: DatasetConfig) -> Splits:
@@ -128,7 +138,31 @@ class LocalExecutor:
         self._protected = {key: (img, meta, seconds)}  # keep one in memory: cells are ordered by defense
         return img, meta, seconds
 
+    def call(self, fn: Callable[[], T]) -> T:
+        """``fn()`` under the cell time limit: in a forked child when there is one, else here."""
+        return fn() if self.cell_timeout is None else call_in_child(fn, self.cell_timeout)
+
     def run_cell(self, cell: Cell) -> CellRecord:
+        """The cell's record; with a time limit, computed in a child that the limit or a crash may end."""
+        if self.cell_timeout is None:
+            return self._run_cell(cell)
+        started, start = time.time(), time.perf_counter()
+        key = cell.protected_key()
+        error = self._given_up.get(key)
+        if error is None:
+            try:
+                return call_in_child(lambda: self._run_cell(cell), self.cell_timeout)
+            except ChildFailed as exc:  # timed out or crashed (a plugin's error is already a failed record)
+                error = str(exc)
+            if not self.cache.path("protected", key).is_file():  # it ended before its protected set was stored
+                error += f" (defense {cell.defense.label!r} did not finish its protected set)"
+                self._given_up[key] = error + "; not tried again in this run"
+        log.error("cell %s failed: %s", cell.describe(), error)
+        return self._record(cell, status="failed", error=error, started=started, start=start,
+                            metrics={"metadata": cell_metadata(cell),
+                                     "num_classes": self.splits(cell.dataset).train.num_classes})
+
+    def _run_cell(self, cell: Cell) -> CellRecord:
         started = time.time()
         start = time.perf_counter()
         if self.device.type == "cuda":

@@ -152,6 +152,7 @@ def trial(executor: LocalExecutor, cells: list, label: str, path: str | Path) ->
         with Handout(f"defense {label!r}") as handout:
             first.defense.plugin.perturb(handout.copy(few, "the clean training"), executor.context(first, handout))
 
+    # each step returns only the meta: under a cell time limit it runs in a child process (executor.call)
     steps: list[tuple[str, int | None, Callable[[], Any]]] = [("a trial on a few images", None, on_few)]
     for seed in sorted({c.seed for c in mine}):
         cell = next(c for c in mine if c.seed == seed)
@@ -159,7 +160,7 @@ def trial(executor: LocalExecutor, cells: list, label: str, path: str | Path) ->
     metas: dict[int, dict[str, Any]] = {}
     for what, seed, step in steps:
         try:
-            meta = step()
+            meta = executor.call(step)
             if seed is not None:
                 metas[seed] = meta
         except UEBenchError as exc:
@@ -170,8 +171,10 @@ def trial(executor: LocalExecutor, cells: list, label: str, path: str | Path) ->
 
 
 def submit(path: str | Path, preset: Preset, *, out_dir: str | Path, entries_dir: str | Path,
-           device: torch.device, cache_dir: str | Path | None = None, progress: bool = True) -> Submission:
-    """Validate, run, write the entry and rank the defense that ``path`` registers."""
+           device: torch.device, cache_dir: str | Path | None = None, progress: bool = True,
+           cell_timeout: float | None = None) -> Submission:
+    """Validate, run, write the entry and rank the defense that ``path`` registers; ``cell_timeout``
+    (seconds) bounds each trial step and each cell, each then run in a child process."""
     before = {"defense": set(DEFENSES.names()), "attack": set(ATTACKS.names())}
     cls = load_submission(path)
     try:
@@ -183,7 +186,8 @@ def submit(path: str | Path, preset: Preset, *, out_dir: str | Path, entries_dir
         if existing.is_file() and read_entry(existing).get("title") != cls.title:
             raise _fail(path, f"the name {cls.name!r} is taken by the entry {existing} "
                               f"({read_entry(existing).get('title')!r}); register your defense under another name")
-        executor = LocalExecutor(cache_dir or Path(out_dir) / "cache", device=device, progress=progress)
+        executor = LocalExecutor(cache_dir or Path(out_dir) / "cache", device=device, progress=progress,
+                                 cell_timeout=cell_timeout)
         certificates = certificate_lines(cls.name, label, trial(executor, cells, label, path))
         summary = run_grid(cells, out_dir, executor)
         if summary.failed:
