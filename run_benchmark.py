@@ -66,8 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--cache-dir", help="cache directory (default: OUT/cache)")
     pre.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    from leaderboard.cli import add_commands
+    from leaderboard.cli import add_cell_timeout, add_commands
 
+    add_cell_timeout(run)
     add_commands(sub)  # leaderboard, submit, reproduce
     return p
 
@@ -112,6 +113,7 @@ def _run(args: argparse.Namespace) -> int:
     from benchmark.report import perturbations_frame, results_frame
     from benchmark.store import Store
     from benchmark.training import resolve_device
+    from leaderboard.cli import cell_timeout
 
     preset = load_preset(args.preset)
     dataset = with_dataset_overrides(preset.dataset, name=args.dataset, train_size=args.train_size,
@@ -122,7 +124,8 @@ def _run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     log.info("preset %s: %d cells on %s, results in %s", preset.name, len(cells), device, args.out)
     out = Path(args.out)
-    executor = LocalExecutor(args.cache_dir or out / "cache", device=device, progress=not args.no_progress)
+    executor = LocalExecutor(args.cache_dir or out / "cache", device=device, progress=not args.no_progress,
+                             cell_timeout=cell_timeout(args, preset))
     summary = run_grid(cells, out, executor)
     with Store(out / "results.sqlite") as store:
         df = results_frame(store, summary.keys)

@@ -1,6 +1,6 @@
 """Execution: an ``Executor`` turns planned cells into ``CellRecord``s; the driver writes them.
 
-``Executor`` is the seam: ``LocalExecutor`` runs cells one at a time in this process; another
+``Executor`` is the seam: ``LocalExecutor`` runs cells one at a time (in a child under a time limit); another
 executor (e.g. one task per cell on a cluster) is a new class with the same ``run``. Executors never
 touch the store: ``run_grid``, the driver, skips finished keys, writes each record as it arrives
 (one transaction per cell, so a killed run resumes), then the CSVs. One failing cell is recorded as
@@ -18,25 +18,28 @@ import time
 import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence, TypeVar
 
 import torch
 from tqdm.auto import tqdm
 
 from benchmark import __version__
 from benchmark.cache import Cache
+from benchmark.child import ChildFailed, call_in_child, check_timeout
 from benchmark.config import stable_hash
 from benchmark.data import DatasetConfig, ImageSet, Splits, load_dataset
 from benchmark.errors import UEBenchError
+from benchmark.isolation import Handout
 from benchmark.metrics import perturbation_quality
 from benchmark.plan import Cell
 from benchmark.plugins import Certificate, Context, perturbation_stats
 from benchmark.report import write_reports
 from benchmark.store import CellRecord, Store
 from benchmark.training import evaluate
-from benchmark.zoo import PretrainConfig, Zoo
+from benchmark.zoo import Zoo
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Executor(Protocol):
@@ -67,15 +70,23 @@ def cell_metadata(cell: Cell) -> dict[str, Any]:
 
 
 class LocalExecutor:
-    """Runs cells in this process, one at a time; data sets, zoos and protected sets are built once."""
+    """Runs cells one at a time; data sets and protected sets are built once, plugins get copies.
 
-    def __init__(self, cache_dir: str | Path, *, device: torch.device, progress: bool = True) -> None:
+    With ``cell_timeout`` (seconds) each cell runs in a forked child (``benchmark.child``) and fails
+    with "timed out after N s" or "crashed: killed by signal 11 (SIGSEGV)" while the grid goes on;
+    protected sets and zoo weights it builds reach later cells through the disk cache. Without one
+    (the default) cells run in this process.
+    """
+
+    def __init__(self, cache_dir: str | Path, *, device: torch.device, progress: bool = True,
+                 cell_timeout: float | None = None) -> None:
         self.device = device
         self.cache = Cache(cache_dir)
         self.progress = progress
+        self.cell_timeout = check_timeout(cell_timeout, "cell_timeout")
         self._splits: dict[str, Splits] = {}
-        self._zoos: dict[tuple[str, PretrainConfig], Zoo] = {}
         self._protected: dict[str, tuple[ImageSet, dict, float]] = {}
+        self._given_up: dict[str, str] = {}  # protected key -> why its generation failed in a child
         self._env = environment(device)
 
     def splits(self, cfg: DatasetConfig) -> Splits:
@@ -85,20 +96,15 @@ class LocalExecutor:
             self._splits[key] = load_dataset(cfg)
         return self._splits[key]
 
-    def zoo(self, cell: Cell) -> Zoo:
-        """The zoo of the cell's data set and recipe (one per data set and recipe)."""
-        key = (stable_hash(cell.dataset.key()), cell.zoo)
-        if key not in self._zoos:
-            splits = self.splits(cell.dataset)
-            self._zoos[key] = Zoo(self.cache.root, pool=splits.source,
-                                  pool_key={**cell.dataset.key(), "split": "source"}, config=cell.zoo,
-                                  device=self.device, progress=self.progress)
-        return self._zoos[key]
-
-    def context(self, cell: Cell) -> Context:
+    def context(self, cell: Cell, handout: Handout | None = None) -> Context:
+        """A plugin's context; its source pool (also the zoo's) is a copy recorded in ``handout``."""
         splits = self.splits(cell.dataset)
+        handout = handout or Handout(f"defense {cell.defense.label!r}")
+        source = None if splits.source is None else handout.copy(splits.source, "the source pool")
+        zoo = Zoo(self.cache.root, pool=source, pool_key={**cell.dataset.key(), "split": "source"},
+                  config=cell.zoo, device=self.device, progress=self.progress)
         return Context(device=self.device, seed=cell.seed, cache_dir=self.cache.root, progress=self.progress,
-                       dataset_key=cell.dataset.key(), source=splits.source, zoo=self.zoo(cell))
+                       dataset_key=cell.dataset.key(), source=source, zoo=zoo)
 
     def protected(self, cell: Cell) -> tuple[ImageSet, dict, float]:
         """The protected training set of a cell (memory, then disk cache, then the defense)."""
@@ -107,13 +113,14 @@ class LocalExecutor:
             img, meta, _ = self._protected[key]
             return img, meta, 0.0
         train = self.splits(cell.dataset).train
-        ctx = self.context(cell)
         seconds = 0.0
 
         def build() -> tuple[dict[str, torch.Tensor], dict]:
             nonlocal seconds
             start = time.perf_counter()
-            result = cell.defense.plugin.perturb(train, ctx)
+            with Handout(f"defense {cell.defense.label!r}") as handout:
+                result = cell.defense.plugin.perturb(handout.copy(train, "the clean training"),
+                                                     self.context(cell, handout))
             seconds = time.perf_counter() - start
             out, cert = result.data, result.certificate
             stats = perturbation_stats(train.images, out.images)
@@ -131,7 +138,31 @@ class LocalExecutor:
         self._protected = {key: (img, meta, seconds)}  # keep one in memory: cells are ordered by defense
         return img, meta, seconds
 
+    def call(self, fn: Callable[[], T]) -> T:
+        """``fn()`` under the cell time limit: in a forked child when there is one, else here."""
+        return fn() if self.cell_timeout is None else call_in_child(fn, self.cell_timeout)
+
     def run_cell(self, cell: Cell) -> CellRecord:
+        """The cell's record; with a time limit, computed in a child that the limit or a crash may end."""
+        if self.cell_timeout is None:
+            return self._run_cell(cell)
+        started, start = time.time(), time.perf_counter()
+        key = cell.protected_key()
+        error = self._given_up.get(key)
+        if error is None:
+            try:
+                return call_in_child(lambda: self._run_cell(cell), self.cell_timeout)
+            except ChildFailed as exc:  # timed out or crashed (a plugin's error is already a failed record)
+                error = str(exc)
+            if not self.cache.path("protected", key).is_file():  # it ended before its protected set was stored
+                error += f" (defense {cell.defense.label!r} did not finish its protected set)"
+                self._given_up[key] = error + "; not tried again in this run"
+        log.error("cell %s failed: %s", cell.describe(), error)
+        return self._record(cell, status="failed", error=error, started=started, start=start,
+                            metrics={"metadata": cell_metadata(cell),
+                                     "num_classes": self.splits(cell.dataset).train.num_classes})
+
+    def _run_cell(self, cell: Cell) -> CellRecord:
         started = time.time()
         start = time.perf_counter()
         if self.device.type == "cuda":
@@ -143,7 +174,9 @@ class LocalExecutor:
             splits = self.splits(cell.dataset)
             metrics["num_classes"] = splits.train.num_classes
             protected, meta, defense_seconds = self.protected(cell)
-            fitted = cell.attack.plugin.fit(protected, cell.backbone, self.context(cell))
+            with Handout(f"attack {cell.attack.label!r}") as handout:
+                fitted = cell.attack.plugin.fit(handout.copy(protected, "the protected training"), cell.backbone,
+                                                self.context(cell, handout))
             acc = evaluate(fitted.model, splits.test.images, splits.test.labels, self.device)
             train_acc = fitted.train_accuracy
             metrics.update(attack={"epochs": fitted.epochs, "trainable_parameters": fitted.trainable_parameters},
@@ -156,10 +189,16 @@ class LocalExecutor:
             peak = torch.cuda.max_memory_allocated(self.device) / 2**20
         else:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS, MiB
+        return self._record(cell, status=status, error=error, started=started, start=start, metrics=metrics,
+                            accuracy=acc, train_accuracy=train_acc, defense_seconds=defense_seconds, peak=peak)
+
+    def _record(self, cell: Cell, *, status: str, error: str | None, started: float, start: float,
+                metrics: dict[str, Any], accuracy: float | None = None, train_accuracy: float | None = None,
+                defense_seconds: float | None = None, peak: float | None = None) -> CellRecord:
         return CellRecord(
             key=cell.key, preset=cell.preset, dataset=cell.dataset.name, defense=cell.defense.label,
-            attack=cell.attack.label, backbone=cell.backbone, seed=cell.seed, status=status, accuracy=acc,
-            train_accuracy=train_acc, seconds=time.perf_counter() - start, defense_seconds=defense_seconds,
+            attack=cell.attack.label, backbone=cell.backbone, seed=cell.seed, status=status, accuracy=accuracy,
+            train_accuracy=train_accuracy, seconds=time.perf_counter() - start, defense_seconds=defense_seconds,
             peak_memory_mb=peak, error=error, config=cell.config(), metrics=metrics, environment=self._env,
             started_at=started, finished_at=time.time())
 

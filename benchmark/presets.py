@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmark.child import check_timeout
 from benchmark.data import DatasetConfig
 from benchmark.errors import UEBenchError
 from benchmark.registry import Registry
@@ -31,6 +32,7 @@ class Preset:
     attack_protocol: dict[str, dict[str, Any]] = field(default_factory=dict, hash=False)
     zoo: dict[str, Any] = field(default_factory=dict, hash=False)  # PretrainConfig overrides
     protocol_note: str = ""
+    cell_timeout: float | None = None  # seconds of plugin work per cell, each cell in a child process; None: no limit
 
 
 # quick: the tiny victims cannot learn a shift-invariant 8/255 pattern in a short run, so the
@@ -218,6 +220,8 @@ def preset_from_dict(data: dict[str, Any], default_name: str = "custom", *, _see
     for key in ("description", "protocol_note"):
         if key in data:
             kwargs[key] = data[key]
+    if "cell_timeout" in data:
+        kwargs["cell_timeout"] = check_timeout(data["cell_timeout"], "preset: cell_timeout")
     missing = [k for k in ("dataset", "defenses", "attacks", "backbones") if k not in kwargs]
     if missing:
         raise UEBenchError(f"preset {kwargs['name']!r} misses {', '.join(missing)} (or use extends = \"quick\")")

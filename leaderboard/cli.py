@@ -11,7 +11,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from benchmark.child import check_timeout
 from benchmark.errors import UEBenchError
+from benchmark.presets import Preset
 from leaderboard.build import board_from_store, preset_grid, publish, update_readme
 from leaderboard.entries import ENTRIES_DIR, load_entries
 from leaderboard.figures import FIGURES, reproduce
@@ -75,6 +77,7 @@ def add_commands(sub: Any) -> None:
     sm.add_argument("--entries", default=str(ENTRIES_DIR), metavar="DIR",
                     help="entries folder the new entry is written to and ranked against (default: leaderboard/entries)")
     _runtime_args(sm)
+    add_cell_timeout(sm)
 
     rp = sub.add_parser("reproduce", help="run the cells a paper figure needs, then draw it",
                         description="Figures: " + "; ".join(f"{n}: {f.description}" for n, f in FIGURES.items()))
@@ -93,6 +96,22 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def add_cell_timeout(p: argparse.ArgumentParser) -> None:
+    """``--cell-timeout SECONDS`` (on ``run`` and ``submit``)."""
+    p.add_argument("--cell-timeout", type=float, metavar="SECONDS",
+                   help="time limit of each cell's plugin work (generating its protected set, training, "
+                        "evaluating): each cell then runs in a child process, and a cell past the limit, or one "
+                        "that crashes (segfault, out-of-memory kill), is recorded as failed while the run goes "
+                        "on. 0: no limit. Default: the preset's cell_timeout (no built-in preset sets one: "
+                        "cells run in this process)")
+
+
+def cell_timeout(args: argparse.Namespace, preset: Preset) -> float | None:
+    """``--cell-timeout`` when given (0: no limit), else the preset's ``cell_timeout``."""
+    given = getattr(args, "cell_timeout", None)
+    return preset.cell_timeout if given is None else check_timeout(given, "--cell-timeout")
+
+
 def run(args: argparse.Namespace) -> int:
     """Execute ``leaderboard``, ``submit`` or ``reproduce``; returns the exit code."""
     if args.command == "leaderboard":
@@ -104,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     if args.command == "submit":
         result = submit(args.file, preset, out_dir=args.out, entries_dir=args.entries, device=device,
-                        cache_dir=args.cache_dir, progress=not args.no_progress)
+                        cache_dir=args.cache_dir, progress=not args.no_progress,
+                        cell_timeout=cell_timeout(args, preset))
         print(result.report())
         return 0
     if args.command == "reproduce":

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -28,6 +28,7 @@ from benchmark.choices import GRANULARITIES, NORMS
 from benchmark.config import configure
 from benchmark.data import balanced_subset
 from benchmark.errors import UEBenchError
+from benchmark.isolation import Handout
 from benchmark.plugins import Certificate, Defense, info_problems, paper_url
 from benchmark.presets import Preset
 from benchmark.execute import LocalExecutor, run_grid
@@ -151,17 +152,22 @@ def trial(executor: LocalExecutor, cells: list, label: str, path: str | Path) ->
     splits = executor.splits(first.dataset)
     few, _ = balanced_subset(splits.train, min(len(splits.train), TRIAL_PER_CLASS * splits.train.num_classes),
                              first.seed)
-    ctx = executor.context(first)
-    steps = [("a trial on a few images", None, lambda: first.defense.plugin.perturb(few, ctx))]
+
+    def on_few() -> None:
+        with Handout(f"defense {label!r}") as handout:
+            first.defense.plugin.perturb(handout.copy(few, "the clean training"), executor.context(first, handout))
+
+    # each step returns only the meta: under a cell time limit it runs in a child process (executor.call)
+    steps: list[tuple[str, int | None, Callable[[], Any]]] = [("a trial on a few images", None, on_few)]
     for seed in sorted({c.seed for c in mine}):
         cell = next(c for c in mine if c.seed == seed)
-        steps.append((f"the full training set (seed {seed})", seed, lambda cell=cell: executor.protected(cell)))
+        steps.append((f"the full training set (seed {seed})", seed, lambda cell=cell: executor.protected(cell)[1]))
     metas: dict[int, dict[str, Any]] = {}
     for what, seed, step in steps:
         try:
-            out = step()
+            meta = executor.call(step)
             if seed is not None:
-                metas[seed] = out[1]
+                metas[seed] = meta
         except UEBenchError as exc:
             raise _fail(path, f"perturb on {what} failed the engine's checks: {exc}") from exc
         except Exception as exc:
@@ -170,8 +176,10 @@ def trial(executor: LocalExecutor, cells: list, label: str, path: str | Path) ->
 
 
 def submit(path: str | Path, preset: Preset, *, out_dir: str | Path, entries_dir: str | Path,
-           device: torch.device, cache_dir: str | Path | None = None, progress: bool = True) -> Submission:
-    """Validate, run, write the entry and rank the defense that ``path`` registers."""
+           device: torch.device, cache_dir: str | Path | None = None, progress: bool = True,
+           cell_timeout: float | None = None) -> Submission:
+    """Validate, run, write the entry and rank the defense that ``path`` registers; ``cell_timeout``
+    (seconds) bounds each trial step and each cell, each then run in a child process."""
     before = {"defense": set(DEFENSES.names()), "attack": set(ATTACKS.names())}
     cls = load_submission(path)
     try:
@@ -183,7 +191,8 @@ def submit(path: str | Path, preset: Preset, *, out_dir: str | Path, entries_dir
         if existing.is_file() and read_entry(existing).get("title") != cls.title:
             raise _fail(path, f"the name {cls.name!r} is taken by the entry {existing} "
                               f"({read_entry(existing).get('title')!r}); register your defense under another name")
-        executor = LocalExecutor(cache_dir or Path(out_dir) / "cache", device=device, progress=progress)
+        executor = LocalExecutor(cache_dir or Path(out_dir) / "cache", device=device, progress=progress,
+                                 cell_timeout=cell_timeout)
         certificates = certificate_lines(cls.name, label, trial(executor, cells, label, path))
         summary = run_grid(cells, out_dir, executor)
         if summary.failed:
