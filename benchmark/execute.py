@@ -5,8 +5,8 @@ executor (e.g. one task per cell on a cluster) is a new class with the same ``ru
 touch the store: ``run_grid``, the driver, hands the executor a lazy stream of cells, each claimed
 (leased in the store) just before it runs, so runners sharing a results directory never compute a
 cell twice; it writes each record as it arrives (one transaction per cell, so a killed run resumes),
-then the CSVs. One failing cell is recorded as failed and the others go on. Protected data sets are cached by (data set, defense config, seed) and
-shared by every attack and backbone.
+then the CSVs. One failing cell is recorded as failed and the others go on. Protected data sets are
+cached by (data set, defense config, seed) and shared by every attack and backbone.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Protocol, Sequence
+from typing import Any, Iterable, Iterator, Protocol, Sequence, Sized
 
 import torch
 from tqdm.auto import tqdm
@@ -166,11 +166,19 @@ class LocalExecutor:
             started_at=started, finished_at=time.time())
 
     def run(self, cells: Iterable[Cell]) -> Iterator[CellRecord]:
-        bar = tqdm(cells, desc="cells", unit="cell", disable=not self.progress)  # lazy; its total is len(cells)
-        for cell in bar:
-            self.splits(cell.dataset)  # a missing or unknown data set is the user's error, not a failed cell
-            bar.set_postfix_str(cell.describe())
-            yield self.run_cell(cell)
+        bar = None
+        try:
+            for cell in cells:  # lazily: the driver claims each cell as it is taken
+                self.splits(cell.dataset)  # a missing or unknown data set is the user's error, not a failed cell
+                if bar is None:  # after the first data set loaded, so its error is the only line printed
+                    bar = tqdm(total=len(cells) if isinstance(cells, Sized) else None, desc="cells", unit="cell",
+                               disable=not self.progress)
+                bar.set_postfix_str(cell.describe())
+                yield self.run_cell(cell)
+                bar.update()
+        finally:
+            if bar is not None:
+                bar.close()
 
 
 @dataclass(frozen=True)
