@@ -2,10 +2,11 @@
 
 ``Executor`` is the seam: ``LocalExecutor`` runs cells one at a time (in a child under a time limit); another
 executor (e.g. one task per cell on a cluster) is a new class with the same ``run``. Executors never
-touch the store: ``run_grid``, the driver, skips finished keys, writes each record as it arrives
-(one transaction per cell, so a killed run resumes), then the CSVs. One failing cell is recorded as
-failed and the others go on. Protected data sets are cached by (data set, defense config, seed) and
-shared by every attack and backbone.
+touch the store: ``run_grid``, the driver, hands the executor a lazy stream of cells, each claimed
+(leased in the store) just before it runs, so runners sharing a results directory never compute a
+cell twice; it writes each record as it arrives (one transaction per cell, so a killed run resumes),
+then the CSVs. One failing cell is recorded as failed and the others go on. Protected data sets are
+cached by (data set, defense config, seed) and shared by every attack and backbone.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence, Sized, TypeVar
 
 import torch
 from tqdm.auto import tqdm
@@ -34,7 +35,7 @@ from benchmark.metrics import perturbation_quality
 from benchmark.plan import Cell
 from benchmark.plugins import Certificate, Context, perturbation_stats
 from benchmark.report import write_reports
-from benchmark.store import CellRecord, Store
+from benchmark.store import LEASE_SECONDS, CellRecord, Claim, LeaseKeeper, Store
 from benchmark.training import evaluate
 from benchmark.zoo import Zoo
 
@@ -45,8 +46,9 @@ T = TypeVar("T")
 class Executor(Protocol):
     """Runs cells and returns their records; it never writes the store (the driver does)."""
 
-    def run(self, cells: Sequence[Cell]) -> Iterator[CellRecord]:
-        """One record per cell (ok or failed), yielded as each cell finishes, in any order."""
+    def run(self, cells: Iterable[Cell]) -> Iterator[CellRecord]:
+        """One record per cell (ok or failed), yielded as each cell finishes, in any order. ``cells`` is
+        consumed lazily: the driver claims each cell as the executor takes it."""
         ...
 
 
@@ -202,13 +204,20 @@ class LocalExecutor:
             peak_memory_mb=peak, error=error, config=cell.config(), metrics=metrics, environment=self._env,
             started_at=started, finished_at=time.time())
 
-    def run(self, cells: Sequence[Cell]) -> Iterator[CellRecord]:
-        for cfg in {stable_hash(c.dataset.key()): c.dataset for c in cells}.values():
-            self.splits(cfg)  # a missing or unknown data set is the user's error, not a failed cell
-        bar = tqdm(cells, desc="cells", unit="cell", disable=not self.progress)
-        for cell in bar:
-            bar.set_postfix_str(cell.describe())
-            yield self.run_cell(cell)
+    def run(self, cells: Iterable[Cell]) -> Iterator[CellRecord]:
+        bar = None
+        try:
+            for cell in cells:  # lazily: the driver claims each cell as it is taken
+                self.splits(cell.dataset)  # a missing or unknown data set is the user's error, not a failed cell
+                if bar is None:  # after the first data set loaded, so its error is the only line printed
+                    bar = tqdm(total=len(cells) if isinstance(cells, Sized) else None, desc="cells", unit="cell",
+                               disable=not self.progress)
+                bar.set_postfix_str(cell.describe())
+                yield self.run_cell(cell)
+                bar.update()
+        finally:
+            if bar is not None:
+                bar.close()
 
 
 @dataclass(frozen=True)
@@ -223,27 +232,70 @@ class RunSummary:
         return [r for r in self.ran if r.status != "ok"]
 
 
-def run_grid(cells: Sequence[Cell], out_dir: str | Path, executor: Executor) -> RunSummary:
+class Claims:
+    """The cells a runner computes, claimed one at a time as the executor asks for the next.
+
+    A cell finished meanwhile (by another runner) is skipped; one leased by another live runner is
+    set aside, and once the rest are done the runner waits for it: it is taken over if its runner
+    dies, and never silently left out. ``len`` is the number still to run when the stream starts.
+    """
+
+    def __init__(self, cells: Sequence[Cell], store: Store, owner: str, *, since: float, poll: float,
+                 lease_seconds: float = LEASE_SECONDS) -> None:
+        self.cells, self.store, self.owner, self.since = list(cells), store, owner, since
+        self.poll, self.lease_seconds = poll, lease_seconds
+
+    def __len__(self) -> int:
+        return len(self.cells)
+
+    def __iter__(self) -> Iterator[Cell]:
+        pending, reported = self.cells, 0
+        while pending:
+            leased: list[Cell] = []
+            for cell in pending:  # a generator: each cell is claimed when the executor asks for it
+                got = self.store.claim(cell.key, self.owner, since=self.since, seconds=self.lease_seconds)
+                if got is Claim.CLAIMED:
+                    yield cell
+                elif got is Claim.LEASED:
+                    leased.append(cell)
+                else:
+                    log.info("cell %s was finished by another runner", cell.describe())
+            if leased and len(leased) != reported:  # said once per change, not at every poll
+                shown = ", ".join(c.describe() for c in leased[:3]) + (", ..." if len(leased) > 3 else "")
+                log.info("waiting for %d cells leased by another runner: %s", len(leased), shown)
+                reported = len(leased)
+            if leased:
+                time.sleep(self.poll)
+            pending = leased
+
+
+def run_grid(cells: Sequence[Cell], out_dir: str | Path, executor: Executor, *, poll: float = 5.0,
+             lease_seconds: float = LEASE_SECONDS) -> RunSummary:
     """Run every cell not already finished in ``OUT/results.sqlite``; write ``results.csv`` and
-    ``perturbations.csv``. The driver alone writes the store, one record at a time."""
+    ``perturbations.csv``. The driver alone writes the store, one record at a time. Several runners may
+    share ``out_dir``: each cell is leased to one of them while it runs (see ``benchmark.store``);
+    cells leased by another live runner are waited for, polling every ``poll`` seconds."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     store = Store(out_dir / "results.sqlite")
     try:
+        since = time.time()
         done = store.finished_keys()
         todo = [c for c in cells if c.key not in done]
         todo.sort(key=lambda c: (c.seed, c.defense.label != "clean"))  # stable: grouped by defense
         log.info("%d cells planned, %d finished, %d to run", len(cells), len(cells) - len(todo), len(todo))
         ran: list[CellRecord] = []
-        for rec in executor.run(todo):
-            store.put(rec)
-            ran.append(rec)
-            if rec.status == "ok":
-                log.info("cell %s / %s / %s / seed %d: %.1f%% (train %s) in %.0fs", rec.defense, rec.attack,
-                         rec.backbone, rec.seed, rec.accuracy,
-                         "n/a" if rec.train_accuracy is None else f"{rec.train_accuracy:.1f}%", rec.seconds)
+        with LeaseKeeper(store.path, seconds=lease_seconds) as keeper:
+            claims = Claims(todo, store, keeper.owner, since=since, poll=poll, lease_seconds=lease_seconds)
+            for rec in executor.run(claims):
+                store.put(rec, owner=keeper.owner)
+                ran.append(rec)
+                if rec.status == "ok":
+                    log.info("cell %s / %s / %s / seed %d: %.1f%% (train %s) in %.0fs", rec.defense, rec.attack,
+                             rec.backbone, rec.seed, rec.accuracy,
+                             "n/a" if rec.train_accuracy is None else f"{rec.train_accuracy:.1f}%", rec.seconds)
         write_reports(store, out_dir)
-        return RunSummary(planned=len(cells), skipped=len(cells) - len(todo), ran=ran, keys=[c.key for c in cells])
+        return RunSummary(planned=len(cells), skipped=len(cells) - len(ran), ran=ran, keys=[c.key for c in cells])
     finally:
         store.close()
 

@@ -3,6 +3,8 @@ and ``perturbations.csv`` (one row per protected set: size, visibility, certific
 
 from __future__ import annotations
 
+import os
+import secrets
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -68,10 +70,14 @@ CERTIFICATE_COLUMNS = ("certificate", "certificate_checks")
 
 
 def write_csv(df: pd.DataFrame, path: Path) -> pd.DataFrame:
-    """Write atomically (a killed run never leaves half a file)."""
-    tmp = path.with_suffix(".csv.tmp")
-    df.to_csv(tmp, index=False, float_format="%.4f")
-    tmp.replace(path)
+    """Write atomically (a killed run never leaves half a file); the temporary file is this writer's
+    own, so runners sharing a results directory never write into each other's."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        df.to_csv(tmp, index=False, float_format="%.4f")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return df
 
 

@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from benchmark.errors import UEBenchError
+from benchmark.faults import kill_point
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +205,7 @@ def train(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, cfg: Tra
                                       amp=use_amp)
             sched.step()
             step += 1
+            kill_point("train_step")
             loss_value = float(loss.detach())
             if logits is not None:
                 hard = y if y.ndim == 1 else y.argmax(1)

@@ -1,17 +1,10 @@
-"""Planning, executing and reporting end to end: results, reuse, resume after SIGKILL, failing cells, caches,
-certificates, the metadata each record carries."""
+"""Planning, executing and reporting end to end: results, reuse, failing cells, caches, certificates, the
+metadata each record carries (kills and concurrent runners: ``test_crash.py``)."""
 
 from __future__ import annotations
 
 import logging
-import os
-import signal
-import sqlite3
-import subprocess
-import sys
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -27,7 +20,6 @@ from leaderboard.build import board_from_store
 from leaderboard.entries import entry_path, load_entries, read_entry, write_entries
 from leaderboard.tables import markdown, ranking_frame
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = {
     "extends": "quick",
     "name": "tiny",
@@ -37,19 +29,6 @@ TINY = {
     "backbones": ["resnet_tiny"],
     "attack_protocol": {"scratch": {"epochs": 1, "batch_size": 32}},
 }
-TOML = """extends = "quick"
-name = "tiny"
-defenses = ["clean", "random_noise", "random_noise:mode=class", "random_noise:eps=4/255"]
-attacks = ["scratch"]
-backbones = ["resnet_tiny", "convnext_tiny"]
-[dataset]
-train_size = 60
-test_size = 30
-source_size = 24
-[attack_protocol.scratch]
-epochs = 2
-batch_size = 16
-"""
 
 
 def _executor(tmp_path) -> LocalExecutor:
@@ -219,36 +198,3 @@ def test_a_protected_set_cached_before_certificates_is_built_again(tmp_path):
     assert seconds > 0 and rebuilt["certificate"] == meta["certificate"], \
         f"a cached set without a certificate must be generated again (took {seconds}s, meta {rebuilt})"
     assert "certificate" in load_verified(path)[1], "the rebuilt set must replace the old cache entry"
-
-
-def _count_ok(db: Path) -> int:
-    if not db.exists():
-        return 0
-    try:
-        with sqlite3.connect(db, timeout=1) as con:
-            return con.execute("SELECT COUNT(*) FROM cells WHERE status='ok'").fetchone()[0]
-    except sqlite3.OperationalError:
-        return 0
-
-
-def test_resume_after_sigkill(tmp_path):
-    preset = tmp_path / "tiny.toml"
-    preset.write_text(TOML)
-    out = tmp_path / "out"
-    cmd = [sys.executable, str(ROOT / "run_benchmark.py"), "run", "--preset", str(preset), "--out", str(out),
-           "--device", "cpu", "--no-progress"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while _count_ok(out / "results.sqlite") < 2 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    assert proc.poll() is None, "the run finished before it could be killed; make the grid larger"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done_before = _count_ok(out / "results.sqlite")
-    assert 2 <= done_before < 8, f"{done_before} cells finished before the kill"
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert f"{done_before} reused, {8 - done_before} run, 0 failed" in result.stdout, result.stdout[-800:]
-    df = pd.read_csv(out / "results.csv")
-    assert len(df) == 8 and df["key"].is_unique and (df["status"] == "ok").all(), df

@@ -46,11 +46,25 @@ def _check_files(cfg: DatasetConfig, root: Path, files: list[tuple[str, str]]) -
                                f"verify_checksums = false in the preset's [dataset] to use it anyway")
 
 
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles only what CIFAR batches hold (dicts, lists, strings, numbers, numpy arrays): any other
+    global a pickle names is refused, so a doctored file cannot run code."""
+
+    ALLOWED = frozenset({("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                         ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+                         ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")})
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR batch never holds")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict:
     # CIFAR batches are Python 2 pickles; latin1 decodes their byte strings like torchvision does.
     with open(path, "rb") as f:
         try:
-            return pickle.load(f, encoding="latin1")
+            return _ArrayUnpickler(f, encoding="latin1").load()
         except (pickle.UnpicklingError, EOFError, ValueError) as exc:
             raise UEBenchError(f"{path}: not a CIFAR pickle ({exc})") from exc
 
