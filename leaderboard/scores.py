@@ -1,6 +1,6 @@
 """Leaderboard scores: from cell results (the store, or committed entries) to one row per defense.
 
-Rules (DESIGN.md, "Results"):
+Rules (docs/design.md, "Data flow"; docs/submit.md, how a submission is scored):
 
 - seeds are averaged first (mean and sample std over the seeds that finished);
 - protection = (clean - acc) / (clean - chance), chance = 100 / number of classes, computed from the
