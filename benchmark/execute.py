@@ -153,7 +153,7 @@ class LocalExecutor:
         error = self._given_up.get(key)
         if error is None:
             try:
-                return call_in_child(lambda: self._run_cell(cell), self.cell_timeout)
+                return self.call(lambda: self._run_cell(cell))
             except ChildFailed as exc:  # timed out or crashed (a plugin's error is already a failed record)
                 error = str(exc)
             if not self.cache.path("protected", key).is_file():  # it ended before its protected set was stored
@@ -161,8 +161,11 @@ class LocalExecutor:
                 self._given_up[key] = error + "; not tried again in this run"
         log.error("cell %s failed: %s", cell.describe(), error)
         return self._record(cell, status="failed", error=error, started=started, start=start,
-                            metrics={"metadata": cell_metadata(cell),
-                                     "num_classes": self.splits(cell.dataset).train.num_classes})
+                            metrics=self._cell_metrics(cell))
+
+    def _cell_metrics(self, cell: Cell) -> dict[str, Any]:
+        """What every record carries, failed or not: the plugins' metadata and the class count."""
+        return {"metadata": cell_metadata(cell), "num_classes": self.splits(cell.dataset).train.num_classes}
 
     def _run_cell(self, cell: Cell) -> CellRecord:
         started = time.time()
@@ -172,9 +175,8 @@ class LocalExecutor:
         status, acc, train_acc, error, defense_seconds = "ok", None, None, None, None
         metrics: dict[str, Any] = {}
         try:
-            metrics["metadata"] = cell_metadata(cell)
+            metrics.update(self._cell_metrics(cell))
             splits = self.splits(cell.dataset)
-            metrics["num_classes"] = splits.train.num_classes
             protected, meta, defense_seconds = self.protected(cell)
             with Handout(f"attack {cell.attack.label!r}") as handout:
                 fitted = cell.attack.plugin.fit(handout.copy(protected, "the protected training"), cell.backbone,
@@ -182,7 +184,7 @@ class LocalExecutor:
             acc = evaluate(fitted.model, splits.test.images, splits.test.labels, self.device)
             train_acc = fitted.train_accuracy
             metrics.update(attack={"epochs": fitted.epochs, "trainable_parameters": fitted.trainable_parameters},
-                           perturbation=meta, num_classes=protected.num_classes)
+                           perturbation=meta)
         except Exception as exc:  # one failing cell must not stop the grid; it is recorded with its error
             status, error = "failed", f"{type(exc).__name__}: {exc}"
             log.error("cell %s failed: %s", cell.describe(), error)

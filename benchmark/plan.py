@@ -100,10 +100,9 @@ def plan(preset: Preset, *, dataset: DatasetConfig | None = None, defenses: Sequ
     # an attack's protocol may differ per backbone (``attack_protocol["scratch@vit_tiny"]``)
     atks = {b: [configure(ATTACKS, s, preset.attack_protocol, backbone=b) for s in atk_specs] for b in bbs}
     for group, kind in ((defs, "defense"), (atks[bbs[0]], "attack")):
-        labels = [c.label for c in group]
-        dupes = sorted({x for x in labels if labels.count(x) > 1})
-        if dupes:
-            raise UEBenchError(f"{kind} {dupes[0]!r} is listed twice")
+        dupe = first_duplicate([c.label for c in group])
+        if dupe is not None:
+            raise UEBenchError(f"{kind} {dupe!r} is listed twice")
     for b, configured in atks.items():
         for a in configured:
             a.plugin.check_backbone(b)
@@ -134,10 +133,16 @@ def _specs(what: str, specs: Sequence[str]) -> list[str]:
 
 def _names(what: str, names: Sequence[str]) -> list[str]:
     values = _specs(what, names)
-    dupes = sorted({x for x in values if values.count(x) > 1})
-    if dupes:
-        raise UEBenchError(f"{what}: {dupes[0]!r} is listed twice")
+    dupe = first_duplicate(values)
+    if dupe is not None:
+        raise UEBenchError(f"{what}: {dupe!r} is listed twice")
     return values
+
+
+def first_duplicate(values: Sequence[str]) -> str | None:
+    """The alphabetically first value listed more than once, or None."""
+    dupes = sorted({x for x in values if values.count(x) > 1})
+    return dupes[0] if dupes else None
 
 
 def check_protocol(kind: str, protocol: Any) -> None:
