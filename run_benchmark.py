@@ -47,6 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--attacks", nargs="+", metavar="NAME[:k=v,...]", help="attacks (default: the preset's)")
     run.add_argument("--backbones", nargs="+", metavar="NAME", help="backbones (default: the preset's)")
     run.add_argument("--seeds", nargs="+", type=int, metavar="N", help="seeds (default: the preset's)")
+    run.add_argument("--threat-model", choices=("white-box", "transfer"),
+                     help="the surrogates' weights: the victims' zoo weights (white-box, the papers' setting) or "
+                          "pretrained independently, another seed on half the source pool (transfer); default: "
+                          "the preset's")
     run.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: auto)")
     run.add_argument("--out", default="results", help="results directory (default: results/)")
     run.add_argument("--cache-dir", help="cache directory (default: OUT/cache)")
@@ -98,8 +102,8 @@ def _list(what: str) -> None:
         print("\n".join(DATASETS.names()))
     else:
         print(tabulate([[p.name, p.dataset.name, len(p.defenses), len(p.attacks), ", ".join(p.backbones),
-                         len(p.seeds), p.description] for p in PRESETS.values()],
-                       headers=["name", "data", "defenses", "attacks", "backbones", "seeds", "about"]))
+                         len(p.seeds), p.threat_model, p.description] for p in PRESETS.values()],
+                       headers=["name", "data", "defenses", "attacks", "backbones", "seeds", "surrogates", "about"]))
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -120,7 +124,7 @@ def _run(args: argparse.Namespace) -> int:
                                      test_size=args.test_size, data_root=args.data_root,
                                      download=args.download or None)
     cells = plan(preset, dataset=dataset, defenses=args.defenses, attacks=args.attacks,
-                 backbones=args.backbones, seeds=args.seeds)
+                 backbones=args.backbones, seeds=args.seeds, threat_model=args.threat_model)
     device = resolve_device(args.device)
     log.info("preset %s: %d cells on %s, results in %s", preset.name, len(cells), device, args.out)
     out = Path(args.out)

@@ -68,7 +68,7 @@ def environment(device: torch.device) -> dict[str, Any]:
 def cell_metadata(cell: Cell) -> dict[str, Any]:
     """What the leaderboard shows of a cell's plugins and preset, recorded when the cell runs."""
     return {"defense": cell.defense.plugin.metadata(), "attack": cell.attack.plugin.metadata(),
-            "preset": cell.preset_info.to_dict()}
+            "preset": cell.preset_info.to_dict(), "surrogate_threat_model": cell.surrogate_threat_model}
 
 
 class LocalExecutor:
@@ -98,13 +98,16 @@ class LocalExecutor:
             self._splits[key] = load_dataset(cfg)
         return self._splits[key]
 
-    def context(self, cell: Cell, handout: Handout | None = None) -> Context:
-        """A plugin's context; its source pool (also the zoo's) is a copy recorded in ``handout``."""
+    def context(self, cell: Cell, handout: Handout | None = None, *, defense: bool = False) -> Context:
+        """A plugin's context; its source pool (also the zoo's) is a copy recorded in ``handout``. A defense
+        under the ``transfer`` threat model gets the transfer zoo (``Zoo.transfer``), the victims never."""
         splits = self.splits(cell.dataset)
         handout = handout or Handout(f"defense {cell.defense.label!r}")
         source = None if splits.source is None else handout.copy(splits.source, "the source pool")
         zoo = Zoo(self.cache.root, pool=source, pool_key={**cell.dataset.key(), "split": "source"},
                   config=cell.zoo, device=self.device, progress=self.progress)
+        if defense and cell.surrogate_threat_model == "transfer":
+            zoo = zoo.transfer()
         return Context(device=self.device, seed=cell.seed, cache_dir=self.cache.root, progress=self.progress,
                        dataset_key=cell.dataset.key(), source=source, zoo=zoo)
 
@@ -122,7 +125,7 @@ class LocalExecutor:
             start = time.perf_counter()
             with Handout(f"defense {cell.defense.label!r}") as handout:
                 result = cell.defense.plugin.perturb(handout.copy(train, "the clean training"),
-                                                     self.context(cell, handout))
+                                                     self.context(cell, handout, defense=True))
             seconds = time.perf_counter() - start
             out, cert = result.data, result.certificate
             stats = perturbation_stats(train.images, out.images)

@@ -4,6 +4,12 @@ A cell is one (dataset, defense, attack, backbone, seed). Its key is a hash of t
 configs plus the protocol version: change any field and the cell is recomputed, change nothing and
 it is reused. The zoo recipe enters a key only through the sources the cell's plugins declare
 (``Plugin.zoo_sources``), never through a search of their config values.
+
+A cell's surrogate threat model (``white-box`` | ``transfer``, ``benchmark.zoo``) applies to the
+defenses that declare zoo sources (their surrogate's weights); ``surrogate_threat_model`` says which a
+cell ran under (``none`` for a defense without zoo weights). ``transfer`` enters the cell and protected
+keys of those defenses and their label (``em[transfer]``); ``white-box`` enters nothing, so the keys
+of the papers' setting are the ones written before the option existed.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from benchmark.errors import UEBenchError
 from benchmark.models import get_spec
 from benchmark.presets import Preset
 from benchmark.registry import ATTACKS, DEFENSES
-from benchmark.zoo import PretrainConfig, pretrain_config
+from benchmark.zoo import SURROGATE_THREAT_MODELS, PretrainConfig, pretrain_config
 
 
 @dataclass(frozen=True)
@@ -48,11 +54,21 @@ class Cell:
     seed: int
     zoo: PretrainConfig = PretrainConfig()
     preset_info: PresetInfo = field(default=PresetInfo(), compare=False)  # recorded, never in the key
+    threat_model: str = "white-box"  # the surrogate's: white-box | transfer (benchmark.zoo)
+
+    @property
+    def surrogate_threat_model(self) -> str:
+        """The threat model the defense's surrogate ran under; ``none`` when it takes no zoo weights."""
+        return self.threat_model if self.defense.plugin.zoo_sources() else "none"
+
+    def _threat(self) -> dict[str, str]:
+        return {"threat_model": "transfer"} if self.surrogate_threat_model == "transfer" else {}
 
     def config(self) -> dict[str, Any]:
         return {"dataset": self.dataset.key(), "defense": self.defense.config(), "attack": self.attack.config(),
                 "backbone": get_spec(self.backbone).key(), "seed": self.seed,
-                "zoo": zoo_recipe(self.zoo, self.defense, self.attack), "protocol_version": PROTOCOL_VERSION}
+                "zoo": zoo_recipe(self.zoo, self.defense, self.attack), "protocol_version": PROTOCOL_VERSION,
+                **self._threat()}
 
     @property
     def key(self) -> str:
@@ -61,7 +77,8 @@ class Cell:
     def protected_key(self) -> str:
         """The key of the cell's protected set: shared by every attack and backbone of (data, defense, seed)."""
         return stable_hash({"dataset": self.dataset.key(), "defense": self.defense.config(), "seed": self.seed,
-                            "zoo": zoo_recipe(self.zoo, self.defense), "protocol_version": PROTOCOL_VERSION})
+                            "zoo": zoo_recipe(self.zoo, self.defense), "protocol_version": PROTOCOL_VERSION,
+                            **self._threat()})
 
     def describe(self) -> str:
         return f"{self.defense.label} / {self.attack.label} / {self.backbone} / seed {self.seed}"
@@ -81,11 +98,13 @@ SEED_MAX = 2**31 - 1  # seeds feed torch generators as seed * 1_000_003 + offset
 
 def plan(preset: Preset, *, dataset: DatasetConfig | None = None, defenses: Sequence[str] | None = None,
          attacks: Sequence[str] | None = None, backbones: Sequence[str] | None = None,
-         seeds: Sequence[int] | None = None) -> list[Cell]:
+         seeds: Sequence[int] | None = None, threat_model: str | None = None) -> list[Cell]:
     """The cross product, with ``clean`` always included as the reference. Everything is checked here,
     before any work: names, fields and their ranges, seeds, each attack against each backbone (e.g. a
-    freezing depth ``k`` beyond a backbone's stages) and each plugin's metadata."""
+    freezing depth ``k`` beyond a backbone's stages) and each plugin's metadata. ``threat_model``
+    overrides the preset's surrogate threat model."""
     ds = dataset or preset.dataset
+    threat = check_threat_model(threat_model or preset.threat_model)
     DATASETS.get(ds.name)  # an unknown name fails with the valid names
     seed_list = check_seeds(seeds or preset.seeds)
     for kind, protocol in (("defense", preset.defense_protocol), ("attack", preset.attack_protocol)):
@@ -108,10 +127,18 @@ def plan(preset: Preset, *, dataset: DatasetConfig | None = None, defenses: Sequ
             a.plugin.check_backbone(b)
     for c in [*defs, *atks[bbs[0]]]:
         type(c.plugin).check_info()
+    if threat == "transfer":  # the label keeps white-box and transfer rows of one store apart
+        defs = [replace(d, label=f"{d.label}[transfer]") if d.plugin.zoo_sources() else d for d in defs]
     zoo = pretrain_config(preset.zoo)
     info = PresetInfo.of(preset)
-    return [Cell(preset.name, ds, d, atks[b][i], b, s, zoo, info)
+    return [Cell(preset.name, ds, d, atks[b][i], b, s, zoo, info, threat)
             for s in seed_list for d in defs for i in range(len(atk_specs)) for b in bbs]
+
+
+def check_threat_model(value: Any) -> str:
+    if value not in SURROGATE_THREAT_MODELS:
+        raise UEBenchError(f"threat_model={value!r} must be one of {SURROGATE_THREAT_MODELS}")
+    return value
 
 
 def check_seeds(seeds: Sequence[int]) -> list[int]:
@@ -164,8 +191,8 @@ def check_protocol(kind: str, protocol: Any) -> None:
 
 
 def reference_key(config: dict) -> str:
-    """What a cell shares with its clean reference: everything but the defense."""
-    return stable_hash({k: v for k, v in config.items() if k != "defense"})
+    """What a cell shares with its clean reference: everything but the defense and its surrogate's threat model."""
+    return stable_hash({k: v for k, v in config.items() if k not in ("defense", "threat_model")})
 
 
 def with_dataset_overrides(cfg: DatasetConfig, **overrides: Any) -> DatasetConfig:

@@ -33,7 +33,12 @@ class Preset:
     zoo: dict[str, Any] = field(default_factory=dict, hash=False)  # PretrainConfig overrides
     protocol_note: str = ""
     cell_timeout: float | None = None  # seconds of plugin work per cell, each cell in a child process; None: no limit
+    threat_model: str = "white-box"  # surrogates: the victims' zoo weights (white-box) or independent ones (transfer)
 
+
+# every built-in defense at its published settings (the plugins' defaults); random noise and em in both modes
+ALL_DEFENSES = ("clean", "random_noise", "random_noise:mode=class", "em", "em:mode=class", "tap", "rem", "lsp", "ops",
+                "ar", "cuda", "bait", "ssc")
 
 # quick: the tiny victims cannot learn a shift-invariant 8/255 pattern in a short run, so the
 # quick protocol trains without augmentation (README, "Presets"; docs/methods.md, "Victim protocol"); standard and paper
@@ -87,8 +92,7 @@ STANDARD = Preset(
     name="standard",
     description="Fashion-MNIST (20k train / 5k test), standard-size backbones, 3 seeds: a GPU, or hours on CPU",
     dataset=DatasetConfig("fashion-mnist", train_size=20_000, test_size=5_000, source_size=30_000),
-    defenses=("clean", "random_noise", "random_noise:mode=class", "em", "em:mode=class", "tap", "rem", "lsp", "ops",
-              "ar", "cuda"),
+    defenses=ALL_DEFENSES,
     attacks=("scratch", "linear_probe", "frozen_shallow", "full_finetune", "sf_pretrain"),
     backbones=("resnet18", "mobilenet", "vit_tiny_p4"),
     seeds=(0, 1, 2),
@@ -97,22 +101,30 @@ STANDARD = Preset(
     zoo={"supervised": {"epochs": 30}, "sf": {"epochs": 60}},
     protocol_note="SGD momentum 0.9, cosine, batch 128, crop (pad 4) + flip; scratch lr 0.1, 30 epochs; "
                   "pretrained inits lr 1e-3 (linear probe 0.1), 10 epochs; zoo pretrained on the 30k training "
-                  "images not used as protected data",
+                  "images not used as protected data; generators at their published settings (the plugins' "
+                  "defaults)",
 )
 
 PAPER = Preset(
     name="paper",
     description="CIFAR-10 with BAIT's protocol: ImageNet ResNet-18 at 32x32, SGD 1e-3 cosine, 60 epochs",
     dataset=DatasetConfig("cifar10"),
-    defenses=("clean", "random_noise", "random_noise:mode=class", "em", "em:mode=class", "tap", "rem", "lsp", "ops",
-              "ar", "cuda"),
-    attacks=("scratch", "linear_probe", "frozen_shallow", "full_finetune"),
+    defenses=ALL_DEFENSES,
+    # BAIT's and SSC's pretrained surrogate: the ImageNet ResNet-18 (CIFAR-10 has no source pool, so the zoo's
+    # supervised weights are timm's); em, tap and rem keep their published CIFAR ResNet-18 from scratch
+    defense_protocol={"bait": {"surrogate_backbone": "resnet18_in"}, "ssc": {"surrogate_backbone": "resnet18_in"}},
+    attacks=("scratch", "linear_probe", "frozen_shallow", "full_finetune", "sf_pretrain"),
     backbones=("resnet18_in",),
     seeds=(0,),
     attack_protocol={"*": {"epochs": 60}, "linear_probe": {"weights": "timm"},
-                     "frozen_shallow": {"weights": "timm"}, "full_finetune": {"weights": "timm", "grad_clip": 5.0}},
+                     "frozen_shallow": {"weights": "timm"}, "full_finetune": {"weights": "timm", "grad_clip": 5.0},
+                     "sf_pretrain": {"pretrain_on": "protected"}},
+    zoo={"supervised_weights": "timm"},
     protocol_note="SGD momentum 0.9, cosine, batch 128, crop (pad 4) + flip, 60 epochs; pretrained inits: timm "
-                  "ImageNet ResNet-18 at 32x32, lr 1e-3 (BAIT); scratch lr 0.1",
+                  "ImageNet ResNet-18 at 32x32, lr 1e-3 (BAIT); scratch lr 0.1; SF-pretrain: semantic-focused "
+                  "pretraining (the zoo's sf recipe, from random init) on the unlabeled protected images, "
+                  "then frozen-shallow fine-tuning (CIFAR-10 has no disjoint source pool); generators at "
+                  "their published settings, BAIT's and SSC's surrogate the same timm ResNet-18",
 )
 
 PRESETS: Registry[Preset] = Registry("preset", also="or a .toml file")
@@ -152,7 +164,7 @@ def check_preset_data(data: dict[str, Any]) -> None:
     one line: texts are strings, plugin and backbone lists are non-empty lists of strings, seeds a list of
     integers >= 0, the dataset a name or a table, protocols tables of tables. Field values inside the
     tables are checked against the plugins' own fields when the preset is planned."""
-    for key in ("name", "description", "protocol_note", "extends"):
+    for key in ("name", "description", "protocol_note", "extends", "threat_model"):
         if key in data and not isinstance(data[key], str):
             raise UEBenchError(f"preset: {key} must be a string, got {type(data[key]).__name__} {data[key]!r}")
     if "name" in data and not PRESET_NAME.fullmatch(data["name"]):
@@ -217,7 +229,7 @@ def preset_from_dict(data: dict[str, Any], default_name: str = "custom", *, _see
             for plugin, fields in data[key].items():
                 merged[plugin] = {**merged.get(plugin, {}), **fields} if isinstance(fields, dict) else fields
             kwargs[key] = merged
-    for key in ("description", "protocol_note"):
+    for key in ("description", "protocol_note", "threat_model"):
         if key in data:
             kwargs[key] = data[key]
     if "cell_timeout" in data:

@@ -14,10 +14,18 @@ Sources of weights:
   the contrastive stage starts from the ``supervised`` weights (supervised, then semantic-focused).
   *Interpretation*: this is the project's reading of the SSC paper's "SF-Pretrain", whose definition
   was not available.
-- ``timm``: timm's pretrained weights (the hub for users with a network, or a local file).
+- ``timm``: timm's pretrained weights (the hub for users with a network, or a local file). A data set
+  without a source pool (CIFAR-10) may take its ``supervised`` weights from timm
+  (``supervised_weights="timm"``): the ImageNet backbone is then the supervised pretrained one.
 - ``file``: a local checkpoint (safetensors, or ``torch.load(weights_only=True)``; never unpickled).
 
 Built checkpoints are cached under ``<cache>/zoo/`` by a hash of everything that made them.
+
+Threat models of a surrogate (``SURROGATE_THREAT_MODELS``): ``white-box`` (the default, the papers'
+setting) gives a defense's surrogate the victims' own zoo weights; ``transfer`` gives it weights
+pretrained with the same recipe but another seed (the zoo seed + 1) on one half of the source pool
+(``Zoo.transfer``, ``source_halves``), so they share no weights and no seed with the victims'. The
+victims keep the weights from the whole pool.
 """
 
 from __future__ import annotations
@@ -46,6 +54,25 @@ from benchmark.training import TrainConfig, train
 log = logging.getLogger(__name__)
 
 
+SUPERVISED_WEIGHTS = ("pool", "timm")
+SURROGATE_THREAT_MODELS = ("white-box", "transfer")  # whose weights a defense's zoo surrogate starts from
+TRANSFER_HALF = 1  # the half of the source pool a transfer surrogate pretrains on
+
+
+def source_halves(pool: ImageSet) -> tuple[ImageSet, ImageSet]:
+    """Two disjoint class-balanced halves of a pool: within each class, in pool order, images at even
+    positions go to the first half, odd positions to the second."""
+    labels = pool.labels
+    rank = torch.zeros_like(labels)
+    for k in labels.unique():
+        where = (labels == k).nonzero().flatten()
+        rank[where] = torch.arange(len(where))
+    halves = [(rank % 2 == h).nonzero().flatten() for h in (0, 1)]
+    if any(len(h) == 0 for h in halves):
+        raise UEBenchError(f"source pool {pool.name!r} has {len(pool.labels)} images: too few to split in two halves")
+    return tuple(pool.subset(idx, name=f"{pool.name}-half{h}") for h, idx in enumerate(halves))
+
+
 @dataclass(frozen=True)
 class PretrainConfig:
     """How the zoo pretrains (presets scale these down for CPU runs)."""
@@ -59,6 +86,7 @@ class PretrainConfig:
     label_weight: float = 0.0    # sf: weight of cross-entropy on the pool's labels (0 = pure SimCLR)
     sf_init: str = "random"      # sf: start from random weights, or from the 'supervised' zoo weights
     seed: int = 0                # the zoo's own seed: the same pretrained weights for every cell seed
+    supervised_weights: str = "pool"  # supervised: pretrain on the source pool | timm: timm's (ImageNet) weights
 
     def recipe(self, sources: Iterable[str]) -> dict:
         """The part of this config that weights from ``sources`` depend on, as it enters cache and cell
@@ -70,11 +98,17 @@ class PretrainConfig:
         if bad:
             raise UEBenchError(f"unknown zoo source {bad[0]!r}; valid: {', '.join(WEIGHT_SOURCES)}")
         full = asdict(self)
-        return full if "sf" in sources else {"supervised": full["supervised"], "seed": full["seed"]}
+        if self.supervised_weights == "pool":  # the default stays out of keys written before the field existed
+            del full["supervised_weights"]
+        out = full if "sf" in sources else {"supervised": full["supervised"], "seed": full["seed"]}
+        return {**out, "supervised_weights": self.supervised_weights} if "supervised_weights" in full else out
 
     def __post_init__(self) -> None:
         if self.sf_init not in ("random", "supervised"):
             raise UEBenchError(f"zoo: sf_init={self.sf_init!r} must be 'random' or 'supervised'")
+        if self.supervised_weights not in SUPERVISED_WEIGHTS:
+            raise UEBenchError(f"zoo: supervised_weights={self.supervised_weights!r} must be one of "
+                               f"{SUPERVISED_WEIGHTS}")
         if self.label_weight < 0:
             raise UEBenchError(f"zoo: label_weight={self.label_weight} must be >= 0")
         if not self.temperature > 0 or self.projection_dim < 1 or self.seed < 0:
@@ -223,12 +257,30 @@ class Zoo:
                    config=replace(self.config, label_weight=0.0, sf_init="random"), device=self.device,
                    progress=self.progress)
 
+    def transfer(self) -> Zoo:
+        """The zoo of a ``transfer`` surrogate: the same recipe with the zoo seed + 1, on half
+        ``TRANSFER_HALF`` of the source pool; its cache entries are apart from the victims' (pool key, seed)."""
+        if self.config.supervised_weights != "pool":
+            raise UEBenchError(f"threat model 'transfer' pretrains the surrogate on half of the source pool, but this "
+                               f"zoo takes its supervised weights from {self.config.supervised_weights!r}; use "
+                               f"'white-box' or a data set with a source pool")
+        if self.pool is None:
+            raise UEBenchError("threat model 'transfer' pretrains the surrogate on half of the source pool, and this "
+                               "data set has none; use 'white-box'")
+        key = self.pool_key if isinstance(self.pool_key, dict) else {"pool": self.pool_key}
+        return Zoo(self.cache.root, pool=source_halves(self.pool)[TRANSFER_HALF],
+                   pool_key={**key, "half": TRANSFER_HALF}, config=replace(self.config, seed=self.config.seed + 1),
+                   device=self.device, progress=self.progress)
+
     def key(self, backbone: str, source: str) -> str:
         return stable_hash({"backbone": get_spec(backbone).key(), "source": source, "pool": self.pool_key,
                             "config": self.config.recipe({source}), "protocol_version": PROTOCOL_VERSION})
 
     def build(self, backbone: str, source: str) -> tuple[dict[str, torch.Tensor], bool]:
-        """The pretrained state dict (from the cache when present); returns (state, was_cached)."""
+        """The pretrained state dict (from the cache when present); returns (state, was_cached). With
+        ``supervised_weights="timm"`` the supervised weights are timm's (its own cache, not the zoo's)."""
+        if source == "supervised" and self.config.supervised_weights == "timm":
+            return _timm_weights(backbone, None), False
         if self.pool is None:
             raise UEBenchError(f"this data set has no source pool to pretrain {backbone!r} on; "
                                f"use weights from timm or a file")
