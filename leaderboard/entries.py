@@ -23,8 +23,8 @@ import pandas as pd
 from benchmark import PROTOCOL_VERSION, __version__
 from benchmark.errors import UEBenchError
 from benchmark.plugins import info_problems
-from leaderboard.scores import (CELL_COLUMNS, CELL_KEYS, METADATA_FIELDS, Leaderboard, group_dir, paper_url,
-                                score, seed_certificates, slug)
+from leaderboard.scores import (CELL_COLUMNS, CELL_KEYS, METADATA_FIELDS, SURROGATE_THREAT_MODELS, Leaderboard,
+                                group_dir, paper_url, score, seed_certificates, slug)
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +32,9 @@ SCHEMA_VERSION = 1
 ENTRIES_DIR = Path(__file__).resolve().parent / "entries"  # the committed entries
 RESULT_FIELDS = ("attack", "backbone", "seed", "status", "accuracy", "clean_accuracy", "train_accuracy",
                  "seconds", "error", "key")
-SCORE_FIELDS = ("worst_accuracy", "worst_std", "worst_attack", "worst_backbone", "mean_accuracy", "min_protection",
-                "mean_protection", "complete", "cells_expected", "cells_ok", "cells_failed", "cells_missing",
-                "certified")
+SCORE_FIELDS = ("worst_accuracy", "worst_std", "worst_attack", "worst_backbone", "mean_accuracy", "mean_std",
+                "seeds", "min_protection", "mean_protection", "complete", "cells_expected", "cells_ok", "cells_failed",
+                "cells_missing", "certified")
 
 
 def plain(value: Any) -> Any:
@@ -73,6 +73,7 @@ def make_entries(board: Leaderboard) -> dict[tuple[str, str], dict[str, Any]]:
             "title": s.title, "paper": s.paper, "paper_url": paper_url(str(s.paper or "")), "venue": s.venue,
             "year": s.year, "authors": s.authors, "interpretation": bool(s.interpretation), "version": s.version,
             "threat_model": {"norm": s.norm, "budget": s.budget, "granularity": s.granularity},
+            "surrogate_threat_model": s.surrogate_threat_model,
             "group": s.group, "preset": s.preset, "dataset": s.dataset, "num_classes": _int_or_none(first["num_classes"]),
             "chance_accuracy": s.chance, "dataset_config": dict(first["dataset_config"]),
             "protocol": dict(board.presets.get(s.preset, {})),
@@ -152,6 +153,9 @@ def entry_problems(entry: Mapping[str, Any], folder: str) -> list[str]:
             problems.append(f"{key} must be a list of objects")
     if not isinstance(entry["attacks"], dict) or not isinstance(entry["threat_model"], dict):
         problems.append("attacks and threat_model must be objects")
+    if entry.get("surrogate_threat_model", "") not in SURROGATE_THREAT_MODELS:
+        problems.append(f"surrogate_threat_model={str(entry['surrogate_threat_model'])[:40]!r} must be one of "
+                        f"{SURROGATE_THREAT_MODELS}")
     return problems
 
 
@@ -167,7 +171,8 @@ def entry_metadata(entry: Mapping[str, Any]) -> dict[str, Any]:
     tm = entry.get("threat_model", {})
     meta = {k: entry.get(k) for k in METADATA_FIELDS if k in entry}
     meta.update(norm=tm.get("norm", "none"), granularity=tm.get("granularity", "none"),
-                budget=float("nan") if tm.get("budget") is None else float(tm["budget"]))
+                budget=float("nan") if tm.get("budget") is None else float(tm["budget"]),
+                surrogate_threat_model=entry.get("surrogate_threat_model", ""))
     return meta
 
 
@@ -234,7 +239,8 @@ def store_metadata(cells: pd.DataFrame, fallback: str | Path | None = ENTRIES_DI
     written before cells carried metadata) an existing entry of the same label under ``fallback``."""
     out = {}
     for (group, defense), g in cells.groupby(["group", "defense"]):
-        recorded = [m["defense"] for m in g["metadata"] if isinstance(m, Mapping) and m.get("defense")]
+        recorded = [{**m["defense"], "surrogate_threat_model": m.get("surrogate_threat_model", "")}
+                    for m in g["metadata"] if isinstance(m, Mapping) and m.get("defense")]
         meta = {k: v for k, v in recorded[-1].items() if k in METADATA_FIELDS} if recorded else None
         if meta is None and fallback is not None:
             path = entry_path(Path(fallback), group, defense)

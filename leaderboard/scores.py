@@ -2,13 +2,19 @@
 
 Rules (docs/design.md, "Data flow"; docs/submit.md, how a submission is scored):
 
-- seeds are averaged first (mean and sample std over the seeds that finished);
+- seeds are averaged first: each cell's mean and its std over the seeds that finished (the sample
+  std, ddof=1; none with one seed); ``seeds`` is the number of seeds in the group's grid;
 - protection = (clean - acc) / (clean - chance), chance = 100 / number of classes, computed from the
   seed-averaged accuracy and the seed-averaged clean reference of the same attack and backbone;
 - a defense's score is its **worst case**: the highest accuracy that any attack x backbone reaches
   against it (lower is better); the mean over the grid stands beside it;
 - every defense of a group (preset + data set) is expected to have every (attack, backbone, seed)
   of the group's grid; a defense with a missing or failed cell is flagged and not ranked;
+- ranks go by worst case, then mean; two ranked defenses next to each other are **within noise** when
+  their worst-case accuracies differ by less than sqrt(std1^2 + std2^2) (the stds over seeds of the
+  two worst cells): the lower one then shares the rank of the one above it instead of being ordered
+  below it (``tied_with`` names that one; a chain of such pairs shares one rank). With one seed there
+  is no spread, and only equal numbers share a rank;
 - ``clean`` is the reference row: shown, never ranked;
 - a defense's certificate (the numbers showing it reached its own objective, one per protected set,
   i.e. per seed) is shown beside its score: ``certified`` is True when every seed's certificate
@@ -44,7 +50,10 @@ CELL_COLUMNS = ["group", "preset", "dataset", "num_classes", "defense", "defense
                 "error", "key", "defense_config", "attack_config", "dataset_config", "perturbation",
                 "environment", "metadata"]
 METADATA_FIELDS = ("title", "paper", "venue", "year", "authors", "norm", "budget", "granularity",
-                   "interpretation", "version")
+                   "interpretation", "version", "surrogate_threat_model")
+# whose weights the defense's surrogate started from (``benchmark.zoo``): the victims' (white-box), independent
+# ones (transfer), none (no zoo surrogate); "" for cells recorded before the option existed
+SURROGATE_THREAT_MODELS = ("white-box", "transfer", "none", "")
 
 
 @dataclass(frozen=True)
@@ -95,7 +104,7 @@ def budget_text(norm: str, budget: float | None) -> str:
 
 def empty_metadata() -> dict[str, Any]:
     return {"title": "", "paper": "", "venue": "", "year": 0, "authors": "", "norm": "none", "budget": float("nan"),
-            "granularity": "none", "interpretation": False, "version": 0}
+            "granularity": "none", "interpretation": False, "version": 0, "surrogate_threat_model": ""}
 
 
 # ------------------------------------------------------------------------------------ cells
@@ -245,6 +254,8 @@ def score(cells: pd.DataFrame, *, grid: pd.DataFrame | None = None,
         n_missing = int(status.isna().sum())
         a = agg[(agg["group"] == group) & (agg["defense"] == defense) & agg["accuracy_mean"].notna()]
         worst = a.loc[a["accuracy_mean"].idxmax()] if len(a) else None
+        ok = own[own["status"] == "ok"]
+        per_seed = ok.groupby("seed")["accuracy"].mean()  # each seed's mean over its cells
         meta = dict(empty_metadata())
         meta.update((metadata or {}).get((group, defense), {}))
         rows.append({
@@ -257,6 +268,8 @@ def score(cells: pd.DataFrame, *, grid: pd.DataFrame | None = None,
             "worst_attack": worst["attack"] if worst is not None else "",
             "worst_backbone": worst["backbone"] if worst is not None else "",
             "mean_accuracy": float(a["accuracy_mean"].mean()) if len(a) else float("nan"),
+            "mean_std": float(per_seed.std()) if len(per_seed) > 1 else float("nan"),
+            "seeds": int(expected["seed"].nunique()),
             "min_protection": float(a["protection"].min()) if a["protection"].notna().any() else float("nan"),
             "mean_protection": float(a["protection"].mean()) if a["protection"].notna().any() else float("nan"),
             "chance": 100.0 / float(own["num_classes"].iloc[0]),
@@ -265,15 +278,15 @@ def score(cells: pd.DataFrame, *, grid: pd.DataFrame | None = None,
             "paper_url": paper_url(str(meta.get("paper") or "")),
         })
     scores = pd.DataFrame(rows, columns=SCORE_COLUMNS)
-    scores["rank"] = _ranks(scores)
+    scores["rank"], scores["tied_with"] = _ranks(scores)
     scores["flag"] = [_flag(r) for r in scores.itertuples()]
     return Leaderboard(cells, agg, scores, grid, {k: dict(v) for k, v in (presets or {}).items()})
 
 
 SCORE_COLUMNS = ["group", "preset", "dataset", "defense", "defense_name", "reference", "complete", "cells_expected",
                  "cells_ok", "cells_failed", "cells_missing", "worst_accuracy", "worst_std", "worst_attack",
-                 "worst_backbone", "mean_accuracy", "min_protection", "mean_protection", "chance",
-                 "certified", "certificate_checks", *METADATA_FIELDS, "paper_url"]
+                 "worst_backbone", "mean_accuracy", "mean_std", "seeds", "min_protection", "mean_protection",
+                 "chance", "certified", "certificate_checks", *METADATA_FIELDS, "paper_url"]
 
 
 def seed_certificates(cells: pd.DataFrame) -> list[dict[str, Any]]:
@@ -296,20 +309,36 @@ def certificate_summary(certs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return {"certified": all(bool(c["passed"]) for c in certs), "certificate_checks": " | ".join(parts)}
 
 
-def _ranks(scores: pd.DataFrame) -> pd.Series:
-    """1 = lowest worst-case accuracy (ties share a rank, then the mean breaks them); unranked = NaN
-    (incomplete grids, the reference, and defenses whose certificate failed)."""
+def within_noise(a: float, std_a: float, b: float, std_b: float) -> bool:
+    """Two worst-case accuracies are within noise when they differ by less than sqrt(std_a^2 + std_b^2), the
+    stds over seeds; never without a spread (one seed: NaN std)."""
+    spread = math.hypot(std_a, std_b)
+    return bool(math.isfinite(spread) and abs(a - b) < spread)
+
+
+def _ranks(scores: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """(rank, tied_with). Rank 1 = lowest worst-case accuracy, then the mean breaks ties; equal numbers share
+    a rank, and so does a defense within noise of the one ranked just above it (``within_noise``), which
+    ``tied_with`` names. Unranked = NaN (incomplete grids, the reference, and defenses whose certificate
+    failed)."""
     rank = pd.Series(np.nan, index=scores.index, dtype=float)
+    tied = pd.Series("", index=scores.index, dtype=object)
     certified_or_none = scores["certified"].map(lambda c: c is not False).astype(bool)
     ok = scores["complete"] & ~scores["reference"] & scores["worst_accuracy"].notna() & certified_or_none
     for _, g in scores[ok].groupby("group"):
         order = g.sort_values(["worst_accuracy", "mean_accuracy"])
         keys = list(zip(order["worst_accuracy"].round(6), order["mean_accuracy"].round(6)))
-        r = 0
+        r, above = 0, None
         for i, (idx, key) in enumerate(zip(order.index, keys)):
-            r = r if i and key == keys[i - 1] else i + 1
+            s = order.loc[idx]
+            noise = above is not None and within_noise(s["worst_accuracy"], s["worst_std"], above["worst_accuracy"],
+                                                       above["worst_std"])
+            r = r if i and (key == keys[i - 1] or noise) else i + 1
             rank[idx] = r
-    return rank
+            if noise:
+                tied[idx] = above["defense"]
+            above = s
+    return rank, tied
 
 
 def _flag(row: Any) -> str:

@@ -1,8 +1,10 @@
 """Leaderboard tables: markdown, LaTeX and CSV (pandas + tabulate), generated from a ``Leaderboard``.
 
 Per group (preset + data set): the ranking (worst-case accuracy, lower is better) and, per backbone,
-the defense x attack matrix of seed-averaged clean test accuracy. The ranking shows each defense's
-certificate (``pass``, ``FAILED`` or ``-`` for none; see ``leaderboard.scores``).
+the defense x attack matrix of seed-averaged clean test accuracy. With several seeds every number is
+mean ± std over seeds (sample std, ddof=1) and a defense within noise of the one above it shares its
+rank (``leaderboard.scores``); with one seed the tables say "1 seed: no spread". The ranking shows
+each defense's certificate (``pass``, ``FAILED`` or ``-`` for none) and its surrogate's threat model.
 """
 
 from __future__ import annotations
@@ -58,6 +60,29 @@ def threat_text(norm: str, budget: float, granularity: str) -> str:
     return " ".join(parts) or "none"
 
 
+def spread_text(seeds: int) -> str:
+    """What the ± means: ``mean ± std over 3 seeds (sample std, ddof=1)``, or ``1 seed: no spread``."""
+    return f"mean ± std over {seeds} seeds (sample std, ddof=1)" if seeds > 1 else f"{seeds} seed: no spread"
+
+
+def board_seeds(board: Leaderboard) -> int:
+    """The number of seeds of a one-group board's grid."""
+    return int(board.grid["seed"].nunique()) if len(board.grid) else 0
+
+
+# the surrogate's threat model as shown: "-" for a defense without a zoo surrogate, "?" when not recorded
+SURROGATE_TEXT = {"white-box": "white-box", "transfer": "transfer", "none": "-", "": "?"}
+SURROGATE_NOTE = ("Surrogate = whose weights the defense's surrogate started from: the victims' zoo weights "
+                  "(white-box, the papers' setting), weights pretrained independently (transfer: another seed, the "
+                  "other half of the source pool), - (no pretrained surrogate) or ? (not recorded).")
+NOISE_NOTE = ("A defense whose worst case differs from the one ranked above it by less than sqrt(std1² + std2²) "
+              "is within noise of it and shares its rank.")
+
+
+def surrogate_text(value: object) -> str:
+    return SURROGATE_TEXT.get(value if isinstance(value, str) else "", "?")
+
+
 def ranking_frame(board: Leaderboard, pm: str = " ± ") -> pd.DataFrame:
     """The display table of one group (or all groups, with a group column)."""
     rows = []
@@ -66,6 +91,8 @@ def ranking_frame(board: Leaderboard, pm: str = " ± ") -> pd.DataFrame:
         notes = [s.flag] if s.flag else []
         if certificate_failed(s.certified):
             notes.append(CERTIFICATE_FAILED_NOTE)
+        if s.tied_with:
+            notes.append(f"within noise of {s.tied_with}")
         if s.interpretation:
             notes.append("interpretation")
         row = {
@@ -74,9 +101,11 @@ def ranking_frame(board: Leaderboard, pm: str = " ± ") -> pd.DataFrame:
             "method": s.title or "",
             "venue": " ".join(str(x) for x in (s.venue, s.year or "") if x),
             "threat model": threat_text(s.norm, s.budget, s.granularity),
+            "surrogate": surrogate_text(s.surrogate_threat_model),
             "worst-case acc. (%)": acc_text(s.worst_accuracy, s.worst_std, pm),
             "worst case": f"{s.worst_attack} / {s.worst_backbone}" if s.worst_attack else "-",
-            "mean acc. (%)": acc_text(s.mean_accuracy),
+            "mean acc. (%)": acc_text(s.mean_accuracy, s.mean_std, pm),
+            "seeds": str(s.seeds),
             "min protection": num_text(s.min_protection),
             "certificate": certificate_text(s.certified),
             "cells": f"{s.cells_ok}/{s.cells_expected}",
@@ -141,13 +170,16 @@ def group_markdown(board: Leaderboard) -> str:
     for key in ("description", "protocol_note"):
         if info.get(key):
             lines += [f"{key.replace('_', ' ').capitalize()}: {info[key]}", ""]
+    seeds = board_seeds(board)
+    noise = f" {NOISE_NOTE}" if seeds > 1 else ""
     lines += ["Worst case = the highest clean test accuracy (%) that any attack x backbone reaches against the "
-              f"defense (lower is better); chance = {s.chance:.1f} %. Incomplete grids are not ranked. Certificate = "
-              "whether the defense reached its own objective on the released images (pass, FAILED, or - when it "
-              "reports none); a defense whose certificate failed is not ranked.", "",
+              f"defense (lower is better); chance = {s.chance:.1f} %. Accuracies: {spread_text(seeds)}.{noise} "
+              "Incomplete grids are not ranked. Certificate = whether the defense reached its own objective on the "
+              "released images (pass, FAILED, or - when it reports none); a defense whose certificate failed is not "
+              f"ranked. {SURROGATE_NOTE}", "",
               markdown(ranking_frame(board)), ""]
     for bb in backbones(board):
-        lines += [f"### {bb}: clean test accuracy (%)", "", markdown(matrix_frame(board, bb)), ""]
+        lines += [f"### {bb}: clean test accuracy (%), {spread_text(seeds)}", "", markdown(matrix_frame(board, bb)), ""]
     return "\n".join(lines)
 
 
@@ -168,9 +200,10 @@ def write_tables(board: Leaderboard, out_dir: str | Path) -> list[Path]:
         sub = board.subset(group)
         d = group_dir(out_dir, group)  # refuses a group name such as '../x'
         d.mkdir(parents=True, exist_ok=True)
-        tex = [f"% {group}: ranking (generated by uebench; do not edit)", latex(ranking_frame(sub, PM_TEX))]
+        spread = spread_text(board_seeds(sub))
+        tex = [f"% {group}: ranking (generated by uebench; do not edit); {spread}", latex(ranking_frame(sub, PM_TEX))]
         for bb in backbones(sub):
-            tex += [f"% {group} / {bb}: clean test accuracy (%)", latex(matrix_frame(sub, bb, PM_TEX))]
+            tex += [f"% {group} / {bb}: clean test accuracy (%), {spread}", latex(matrix_frame(sub, bb, PM_TEX))]
         outputs: dict[str, Callable[[], str]] = {
             "leaderboard.md": lambda: group_markdown(sub) + "\n",
             "leaderboard.tex": lambda: "\n\n".join(tex) + "\n",
