@@ -3,6 +3,7 @@
 
     python run_benchmark.py list [defenses|attacks|backbones|datasets|presets]
     python run_benchmark.py run --preset quick [--defenses em:mode=class lsp] [--attacks scratch] ...
+    python run_benchmark.py perf [--json perf.json] [--no-grid]
 
 Errors in arguments or data print one line and exit with code 2.
 """
@@ -69,6 +70,24 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--out", default="results", help="results directory; the cache is OUT/cache")
     pre.add_argument("--cache-dir", help="cache directory (default: OUT/cache)")
     pre.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    perf = sub.add_parser(
+        "perf", help="measure this machine: the training loop against its limits, and a preset cold and warm",
+        description="Measure, in this process: loop_vs_raw (images/s of the training loop over a bare "
+                    "forward+backward+step on one fixed batch, per backbone, augmentation on and off), "
+                    "loop_vs_classic (the loop over a DataLoader with per-sample PIL transforms and 2 workers), "
+                    "and the preset's whole grid cold (empty cache and store, in a temporary folder) and warm "
+                    "(rerun): wall seconds, peak memory, seconds per phase and per cell. Prints tables; "
+                    "--json writes the report. The cold run of quick takes as long as `uebench run --preset "
+                    "quick` on an empty folder; run nothing else heavy meanwhile, or the times are wrong.")
+    perf.add_argument("--preset", default="quick", help="preset to measure (default: quick)")
+    perf.add_argument("--json", metavar="FILE", help="write the report as JSON")
+    perf.add_argument("--repeats", type=int, default=3, help="timed rounds per ratio; medians are reported (default: 3)")
+    perf.add_argument("--images", type=int, default=2048, help="images per timed pass (default: 2048)")
+    perf.add_argument("--no-grid", action="store_true", help="only the loop ratios (seconds, not the whole grid)")
+    perf.add_argument("--keep", metavar="DIR", help="run the grid in DIR (new or empty) and keep its results")
+    perf.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: auto)")
+    perf.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     from leaderboard.cli import add_cell_timeout, add_commands
 
@@ -184,12 +203,31 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _perf(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from benchmark import perf
+    from benchmark.presets import load_preset
+    from benchmark.training import resolve_device
+
+    if args.repeats < 1 or args.images < 2:
+        raise UEBenchError(f"--repeats must be >= 1 and --images >= 2, got {args.repeats} and {args.images}")
+    rep = perf.report(load_preset(args.preset), resolve_device(args.device), repeats=args.repeats,
+                      images=args.images, grid=not args.no_grid, progress=not args.no_progress,
+                      keep=Path(args.keep) if args.keep else None)
+    print(perf.tables(rep))
+    if args.json:
+        perf.write(rep, args.json)
+        print(f"\nreport: {args.json}")
+    return 0
+
+
 def _check_folders(args: argparse.Namespace) -> None:
     """``--out``, ``--cache-dir``, ``--data-root``, ``--entries`` and ``--results`` name folders (that may not
     exist yet), not files."""
     from pathlib import Path
 
-    for option in ("out", "cache_dir", "data_root", "entries", "results"):
+    for option in ("out", "cache_dir", "data_root", "entries", "results", "keep"):
         value, flag = getattr(args, option, None), f"--{option.replace('_', '-')}"
         if value is not None and not value.strip():
             raise UEBenchError(f"{flag} must name a folder, got an empty string")
@@ -214,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "pretrain":
             return _pretrain(args)
+        if args.command == "perf":
+            return _perf(args)
         if args.command in ("leaderboard", "submit", "reproduce"):
             from leaderboard.cli import run
 

@@ -155,8 +155,9 @@ class Configured:
 
 def configure(registry: Registry, spec: str, protocol: dict[str, dict[str, Any]] | None = None,
               backbone: str | None = None) -> Configured:
-    """Resolve a spec: dataclass defaults < preset protocol (``protocol['*']``, ``protocol[name]``, then
-    ``protocol['name@backbone']``, a per-architecture recipe) < the spec's own fields. The label shows
+    """Resolve a spec: dataclass defaults < preset protocol (``protocol['*']``, ``protocol['*@backbone']``,
+    ``protocol[name]``, then ``protocol['name@backbone']``, a per-architecture recipe) < the spec's own
+    fields (keys of the ``*`` tables that a plugin does not have are ignored for it). The label shows
     the spec fields that differ from the protocol."""
     name, fields = parse_spec(spec)
     cls = registry.get(name)
@@ -164,10 +165,11 @@ def configure(registry: Registry, spec: str, protocol: dict[str, dict[str, Any]]
         raise UEBenchError(f"{registry.kind} {name!r}: {cls.__qualname__} is not a plugin (a frozen dataclass)")
     name = cls.name
     protocol = protocol or {}
-    proto = {**protocol.get("*", {}), **protocol.get(name, {}),
-             **(protocol.get(f"{name}@{backbone}", {}) if backbone else {})}
+    shared = {**protocol.get("*", {}), **(protocol.get(f"*@{backbone}", {}) if backbone else {})}
+    proto = {**protocol.get("*", {}), **(protocol.get(f"*@{backbone}", {}) if backbone else {}),
+             **protocol.get(name, {}), **(protocol.get(f"{name}@{backbone}", {}) if backbone else {})}
     valid = {f.name for f in dataclasses.fields(cls)}
-    proto = {k: v for k, v in proto.items() if k in valid or k not in protocol.get("*", {})}
+    proto = {k: v for k, v in proto.items() if k in valid or k not in shared}
     base = build(cls, proto, f"{registry.kind} {name!r} (preset)")
     plugin = build(cls, {**proto, **fields}, f"{registry.kind} {name!r}")
     changed = [f.name for f in dataclasses.fields(cls) if getattr(plugin, f.name) != getattr(base, f.name)]

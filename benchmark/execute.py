@@ -17,12 +17,12 @@ import resource
 import subprocess
 import time
 import traceback
+from contextlib import closing
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence, Sized, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence, TypeVar
 
 import torch
-from tqdm.auto import tqdm
 
 from benchmark import __version__
 from benchmark.cache import Cache
@@ -32,8 +32,10 @@ from benchmark.data import DatasetConfig, ImageSet, Splits, load_dataset
 from benchmark.errors import UEBenchError
 from benchmark.isolation import Handout
 from benchmark.metrics import perturbation_quality
+from benchmark.phases import PHASES
 from benchmark.plan import Cell
 from benchmark.plugins import Certificate, Context, perturbation_stats
+from benchmark.progress import CostBar, describe_plan, expected_seconds
 from benchmark.report import write_reports
 from benchmark.store import LEASE_SECONDS, CellRecord, Claim, LeaseKeeper, Store
 from benchmark.training import evaluate
@@ -95,7 +97,8 @@ class LocalExecutor:
         key = stable_hash(cfg.key())
         if key not in self._splits:
             log.info("loading data set %s", cfg.name)
-            self._splits[key] = load_dataset(cfg)
+            with PHASES.timed("data"):
+                self._splits[key] = load_dataset(cfg)
         return self._splits[key]
 
     def context(self, cell: Cell, handout: Handout | None = None, *, defense: bool = False) -> Context:
@@ -123,7 +126,7 @@ class LocalExecutor:
         def build() -> tuple[dict[str, torch.Tensor], dict]:
             nonlocal seconds
             start = time.perf_counter()
-            with Handout(f"defense {cell.defense.label!r}") as handout:
+            with PHASES.timed(f"generate {cell.defense.label}"), Handout(f"defense {cell.defense.label!r}") as handout:
                 result = cell.defense.plugin.perturb(handout.copy(train, "the clean training"),
                                                      self.context(cell, handout, defense=True))
             seconds = time.perf_counter() - start
@@ -181,10 +184,12 @@ class LocalExecutor:
             metrics.update(self._cell_metrics(cell))
             splits = self.splits(cell.dataset)
             protected, meta, defense_seconds = self.protected(cell)
-            with Handout(f"attack {cell.attack.label!r}") as handout:
+            with PHASES.timed(f"attack {cell.attack.label} @ {cell.backbone}"), \
+                    Handout(f"attack {cell.attack.label!r}") as handout:
                 fitted = cell.attack.plugin.fit(handout.copy(protected, "the protected training"), cell.backbone,
                                                 self.context(cell, handout))
-            acc = evaluate(fitted.model, splits.test.images, splits.test.labels, self.device)
+            with PHASES.timed("evaluate"):
+                acc = evaluate(fitted.model, splits.test.images, splits.test.labels, self.device)
             train_acc = fitted.train_accuracy
             metrics.update(attack={"epochs": fitted.epochs, "trainable_parameters": fitted.trainable_parameters},
                            perturbation=meta)
@@ -210,19 +215,9 @@ class LocalExecutor:
             started_at=started, finished_at=time.time())
 
     def run(self, cells: Iterable[Cell]) -> Iterator[CellRecord]:
-        bar = None
-        try:
-            for cell in cells:  # lazily: the driver claims each cell as it is taken
-                self.splits(cell.dataset)  # a missing or unknown data set is the user's error, not a failed cell
-                if bar is None:  # after the first data set loaded, so its error is the only line printed
-                    bar = tqdm(total=len(cells) if isinstance(cells, Sized) else None, desc="cells", unit="cell",
-                               disable=not self.progress)
-                bar.set_postfix_str(cell.describe())
-                yield self.run_cell(cell)
-                bar.update()
-        finally:
-            if bar is not None:
-                bar.close()
+        for cell in cells:  # lazily: the driver claims each cell as it is taken
+            self.splits(cell.dataset)  # a missing or unknown data set is the user's error, not a failed cell
+            yield self.run_cell(cell)
 
 
 @dataclass(frozen=True)
@@ -275,11 +270,15 @@ class Claims:
 
 
 def run_grid(cells: Sequence[Cell], out_dir: str | Path, executor: Executor, *, poll: float = 5.0,
-             lease_seconds: float = LEASE_SECONDS) -> RunSummary:
+             lease_seconds: float = LEASE_SECONDS, progress: bool | None = None) -> RunSummary:
     """Run every cell not already finished in ``OUT/results.sqlite``; write ``results.csv`` and
     ``perturbations.csv``. The driver alone writes the store, one record at a time. Several runners may
     share ``out_dir``: each cell is leased to one of them while it runs (see ``benchmark.store``);
-    cells leased by another live runner are waited for, polling every ``poll`` seconds."""
+    cells leased by another live runner are waited for, polling every ``poll`` seconds.
+
+    It first logs the plan (cells finished and to run, protected sets cached, expected minutes); its
+    progress bar (``progress``; default: the executor's ``progress``) weighs each cell by its expected
+    seconds (``benchmark.progress``)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     store = Store(out_dir / "results.sqlite")
@@ -288,13 +287,18 @@ def run_grid(cells: Sequence[Cell], out_dir: str | Path, executor: Executor, *, 
         done = store.finished_keys()
         todo = [c for c in cells if c.key not in done]
         todo.sort(key=lambda c: (c.seed, c.defense.label != "clean"))  # stable: grouped by defense
-        log.info("%d cells planned, %d finished, %d to run", len(cells), len(cells) - len(todo), len(todo))
+        cache = getattr(executor, "cache", None)  # an executor with a local cache says what it holds
+        estimate = expected_seconds(todo, store.rows(), cache)
+        for line in describe_plan(cells, todo, cache, estimate).splitlines():
+            log.info("%s", line)
         ran: list[CellRecord] = []
-        with LeaseKeeper(store.path, seconds=lease_seconds) as keeper:
+        bar = CostBar(estimate, bool(todo) and (getattr(executor, "progress", False) if progress is None else progress))
+        with LeaseKeeper(store.path, seconds=lease_seconds) as keeper, closing(bar):
             claims = Claims(todo, store, keeper.owner, since=since, poll=poll, lease_seconds=lease_seconds)
             for rec in executor.run(claims):
                 store.put(rec, owner=keeper.owner)
                 ran.append(rec)
+                bar.finished(rec.key, f"{rec.defense} / {rec.attack} / {rec.backbone}")
                 if rec.status == "ok":
                     log.info("cell %s / %s / %s / seed %d: %.1f%% (train %s) in %.0fs", rec.defense, rec.attack,
                              rec.backbone, rec.seed, rec.accuracy,

@@ -173,7 +173,7 @@ def first_duplicate(values: Sequence[str]) -> str | None:
 
 
 def check_protocol(kind: str, protocol: Any) -> None:
-    """A protocol is a table of tables: ``{"*" | name | "name@backbone": {field: value}}``. A ``"*"`` field
+    """A protocol is a table of tables: ``{"*" | "*@backbone" | name | "name@backbone": {field: value}}``. A ``"*"`` field
     must be a field of some registered plugin of this kind (a typo would otherwise apply to none)."""
     registry = DEFENSES if kind == "defense" else ATTACKS
     if not isinstance(protocol, dict):
@@ -184,10 +184,11 @@ def check_protocol(kind: str, protocol: Any) -> None:
                                f"{fields!r}")
     known = {f.name for n in registry.names() for f in dataclasses.fields(registry.get(n))
              if dataclasses.is_dataclass(registry.get(n))}
-    unknown = sorted(set(map(str, protocol.get("*", {}))) - known)
-    if unknown:
-        raise UEBenchError(f"{kind}_protocol['*']: {unknown[0]!r} is a field of no registered {kind}; fields: "
-                           f"{', '.join(sorted(known))}")
+    for key in (k for k in protocol if k == "*" or k.startswith("*@")):
+        unknown = sorted(set(map(str, protocol[key])) - known)
+        if unknown:
+            raise UEBenchError(f"{kind}_protocol[{key!r}]: {unknown[0]!r} is a field of no registered {kind}; "
+                               f"fields: {', '.join(sorted(known))}")
 
 
 def reference_key(config: dict) -> str:

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 OPTIMIZERS = ("sgd", "adamw", "adam")
 SCHEDULES = ("cosine", "constant")
 AUGMENTS = ("crop_flip", "flip", "crop", "none")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 # (model, x in [0,1] float, y) -> (x, y); y may become soft targets (N x K float), e.g. for mixup.
 BatchHook = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -54,6 +55,7 @@ class TrainConfig:
     crop_padding: int = 4        # pixels of zero padding before the random crop
     grad_clip: float = 0.0       # max gradient norm; 0 = off
     warmup_epochs: float = 0.0   # linear learning-rate warmup before the schedule
+    precision: str = "auto"      # auto: bf16 autocast on CUDA, float32 on the CPU | fp32 | bf16 (autocast anywhere)
 
     def __post_init__(self) -> None:
         checks = [
@@ -67,6 +69,7 @@ class TrainConfig:
             (self.crop_padding >= 0, "crop_padding", self.crop_padding, ">= 0"),
             (self.grad_clip >= 0, "grad_clip", self.grad_clip, ">= 0"),
             (self.warmup_epochs >= 0, "warmup_epochs", self.warmup_epochs, ">= 0"),
+            (self.precision in PRECISIONS, "precision", self.precision, f"one of {PRECISIONS}"),
         ]
         for ok, name, value, rule in checks:
             if not ok:
@@ -115,15 +118,28 @@ def augment_batch(x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> to
     return x
 
 
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``x`` on ``device``; a CPU tensor bound for CUDA goes through pinned memory, asynchronously."""
+    if device.type == "cuda" and x.device.type == "cpu":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
 def to_float(x: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
     """The one uint8 -> float conversion: uint8 images become [0, 1] floats (other tensors: float), on
     ``device`` when given."""
     if device is not None:
-        x = x.to(device)
+        x = to_device(x, device)
     return x.float().div_(255) if x.dtype == torch.uint8 else x.float()
 
 
 # ---------------------------------------------------------------- the loop
+
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """Whether a protocol's ``precision`` trains under bf16 autocast on ``device`` (weights, optimizer
+    state and the loss stay float32 either way)."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
 
 def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
@@ -180,14 +196,14 @@ def train(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, cfg: Tra
     if not params:
         raise UEBenchError("train(): the model has no trainable parameters")
     model.to(device=device, memory_format=torch.channels_last)
-    data, targets = inputs.to(device), labels.to(device)
+    data, targets = to_device(inputs, device), to_device(labels, device)  # the whole set stays on the device
     n = len(data)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total = max(1, steps_per_epoch * cfg.epochs)
     opt = make_optimizer(params, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, steps_per_epoch, cfg))
     gen = torch.Generator().manual_seed(seed)
-    use_amp = device.type == "cuda"
+    use_amp = uses_bf16(cfg.precision, device)
     start, step, loss_value, correct, seen = time.perf_counter(), 0, float("nan"), 0, 0
     bar = tqdm(range(cfg.epochs), desc=desc, leave=False, disable=not progress, unit="ep")
     for _ in bar:

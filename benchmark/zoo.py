@@ -49,6 +49,7 @@ from benchmark.config import convert_fields, instantiate, stable_hash
 from benchmark.data import ImageSet
 from benchmark.errors import UEBenchError
 from benchmark.models import Classifier, create_model, get_spec
+from benchmark.phases import PHASES
 from benchmark.training import TrainConfig, train
 
 log = logging.getLogger(__name__)
@@ -290,8 +291,9 @@ class Zoo:
             init = None  # read only when the sf weights are built, not on every cache hit
             if source == "sf" and self.config.sf_init == "supervised":
                 init, _ = self.build(backbone, "supervised")
-            model = pretrain(backbone, source, self.pool, self.config, device=self.device, progress=self.progress,
-                             init=init)
+            with PHASES.timed(f"zoo {backbone} ({source})"):
+                model = pretrain(backbone, source, self.pool, self.config, device=self.device,
+                                 progress=self.progress, init=init)
             return dict(model.net.state_dict()), {"backbone": backbone, "source": source,
                                                   "seconds": time.perf_counter() - start}
 
