@@ -48,6 +48,7 @@ from benchmark.training import BatchHook, Hooks, TrainConfig, to_float, train
 log = logging.getLogger(__name__)
 
 BASES = ("scratch", "linear_probe", "frozen_shallow", "full_finetune", "sf_pretrain")
+PARADIGM_FIELDS = ("weights", "weights_path", "k", "finetune", "pretrain_on")  # the bases' fields beyond TrainConfig
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,11 @@ class Countermeasure(Attack):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice(type(self).name, "base", self.base, BASES)
+        own = {f.name for f in dataclasses.fields(ATTACKS.get(self.base))}
+        for f in dataclasses.fields(Countermeasure):
+            if f.name in PARADIGM_FIELDS and f.name not in own and getattr(self, f.name) != f.default:
+                raise UEBenchError(f"{type(self).name}: {f.name}={getattr(self, f.name)!r} has no effect on "
+                                   f"base={self.base!r}, which has no field {f.name!r}")
         self.paradigm()  # the base's own checks (e.g. k >= 0)
 
     def paradigm(self) -> Attack:

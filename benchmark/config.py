@@ -167,7 +167,7 @@ def configure(registry: Registry, spec: str, protocol: dict[str, dict[str, Any]]
     name = cls.name
     protocol = protocol or {}
     valid = {f.name for f in dataclasses.fields(cls)}
-    start, tables, shown = composed_start(registry, cls, fields, protocol)
+    start, tables, shown = composed_start(registry, cls, fields, protocol, backbone)
     proto: dict[str, Any] = {**protocol.get("*", {})}
     for table in [*tables, name]:
         proto.update({**protocol.get(table, {}), **(protocol.get(f"{table}@{backbone}", {}) if backbone else {})})
@@ -180,8 +180,8 @@ def configure(registry: Registry, spec: str, protocol: dict[str, dict[str, Any]]
     return Configured(plugin, label)
 
 
-def composed_start(registry: Registry, cls: type, fields: dict[str, str],
-                   protocol: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], list[str], list[str]]:
+def composed_start(registry: Registry, cls: type, fields: dict[str, str], protocol: dict[str, dict[str, Any]],
+                   backbone: str | None = None) -> tuple[dict[str, Any], list[str], list[str]]:
     """For a plugin that modifies another (its class names the field in ``composes``, e.g. a countermeasure's
     ``base`` paradigm): the base's dataclass defaults of the fields both have, the protocol tables of the base
     (applied before the plugin's own), and the composing field, always shown in the label when it is not the
@@ -190,7 +190,10 @@ def composed_start(registry: Registry, cls: type, fields: dict[str, str],
     if not composes:
         return {}, [], []
     default = next(f.default for f in dataclasses.fields(cls) if f.name == composes)
-    value = fields.get(composes, protocol.get(cls.name, {}).get(composes, default))
+    value = default
+    for table in ("*", cls.name, f"{cls.name}@{backbone}" if backbone else ""):  # the order configure merges in
+        value = protocol.get(table, {}).get(composes, value)
+    value = fields.get(composes, value)
     if not isinstance(value, str):
         raise UEBenchError(f"{registry.kind} {cls.name!r}: {composes}={value!r} must be the name of a "
                            f"{registry.kind}")

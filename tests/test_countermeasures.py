@@ -174,6 +174,9 @@ def test_a_countermeasure_starts_from_its_base_paradigm():
         "a countermeasure declares its base's zoo sources"
     with pytest.raises(UEBenchError, match=r"base='mixup' must be one of \('scratch'"):
         configure(ATTACKS, "cutout:base=mixup")
+    with pytest.raises(UEBenchError, match="k=2 has no effect on base='full_finetune'"):
+        configure(ATTACKS, "cutout:base=full_finetune,k=2")
+    assert configure(ATTACKS, "cutout:base=frozen_shallow,k=2").plugin.paradigm().k == 2, "k does not reach the base"
     with pytest.raises(UEBenchError, match="unknown attack 'nope'"):
         configure(ATTACKS, "cutout:base=nope")
     with pytest.raises(UEBenchError, match="k=9 is out of range"):
