@@ -18,7 +18,8 @@ one cell key; ``configure`` starts it from its base's defaults and preset protoc
 Training is the base's own (``fit_with`` of ``attacks/scratch.py`` and ``attacks/paradigms.py``): a
 countermeasure only transforms the training images once (``transform``) and/or puts ``Hooks`` into
 the one training loop (``hooks``). The test images are never changed: each method is applied to the
-training data only, as in its reference code.
+training data only, as in the reference code of UEraser, the projection and the training-time
+augmentations (whether the ISS release also transforms its test images was not verified).
 
 Augmentations run batched on tensors: torchvision ``transforms.v2`` (JPEG, Grayscale, MixUp, CutMix)
 and kornia (UEraser's augmentations, exactly the reference's ``AugmentationSequential``); Cutout and

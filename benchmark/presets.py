@@ -85,9 +85,9 @@ QUICK = Preset(
 
 # quick-cm: the quick grid's data, defenses, protocol and zoo (so its protected sets and zoo weights are the
 # quick run's, from the same cache), victims trained with a countermeasure instead. Cost per resnet_tiny cell
-# relative to a quick scratch cell (measured on 640 images, one epoch, docs/methods.md "Countermeasures"):
-# iss_*, mixup, cutmix, cutout, ortho_projection about 1x, ueraser Lite about 2x, UEraser-Max (5 copies) about
-# 12x, PGD-10 adversarial training about 15x; the last two are scaled down here and say so in their labels.
+# relative to a quick scratch cell (one epoch on 640 images, docs/methods.md "Countermeasures"): iss_*, mixup,
+# cutmix, cutout, ortho_projection about 1x, UEraser-Lite 1-2.5x, UEraser-Max (5 copies) 6-12x, PGD-10
+# adversarial training 8-15x; the last two are scaled down here and say so in their labels (2-4.5 h in all).
 QUICK_CM = dataclasses.replace(
     QUICK,
     name="quick-cm",
