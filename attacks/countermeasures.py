@@ -1,15 +1,9 @@
 """Countermeasures against unlearnable examples, each an attack that modifies a base paradigm.
 
-| name | what it changes | where | reference |
-|---|---|---|---|
-| ``adv_training`` | PGD-10 adversarial examples (L∞ 8/255, step 2/255, Gaussian start) replace each batch | per batch | Madry et al., ICLR 2018 |
-| ``iss_jpeg`` | JPEG at quality 10 | the training images, once | Liu et al., ICML 2023 (ISS) |
-| ``iss_gray`` | grayscale, the channel count kept | the training images, once | Liu et al., ICML 2023 (ISS) |
-| ``ueraser`` | plasma brightness and contrast, channel shuffle, TrivialAugment; max loss over 5 copies | per batch (the loss) | Qin et al., 2023 |
-| ``mixup`` | MixUp, Beta(1, 1) | per batch | Zhang et al., ICLR 2018 |
-| ``cutmix`` | CutMix, Beta(1, 1) | per batch | Yun et al., ICCV 2019 |
-| ``cutout`` | a zeroed square of half the image side (16 px at 32x32) | per batch | DeVries & Taylor, 2017 |
-| ``ortho_projection`` | the directions of a linear model fitted on the protected images are projected out | per batch | Sandoval-Segura et al., NeurIPS 2023 |
+``adv_training`` (Madry et al., ICLR 2018), ``iss_jpeg`` and ``iss_gray`` (Liu et al., ICML 2023),
+``ueraser`` (Qin et al., 2023), ``mixup`` (Zhang et al., ICLR 2018), ``cutmix`` (Yun et al., ICCV
+2019), ``cutout`` (DeVries & Taylor, 2017), ``ortho_projection`` (Sandoval-Segura et al., NeurIPS
+2023); what each computes and its published defaults: docs/methods.md, "Countermeasures".
 
 Every countermeasure has a ``base`` field naming the paradigm it modifies (``scratch`` by default,
 ``linear_probe``, ``frozen_shallow``, ``full_finetune``, ``sf_pretrain``) and carries the fields those
@@ -23,30 +17,28 @@ augmentations (whether the ISS release also transforms its test images was not v
 
 Augmentations run batched on tensors: torchvision ``transforms.v2`` (JPEG, Grayscale, MixUp, CutMix)
 and kornia (UEraser's augmentations, exactly the reference's ``AugmentationSequential``); Cutout and
-the projection are a few tensor lines. Library randomness draws from torch's global generator, which
+the projection are a few tensor lines (``attacks/_ops.py``). Library randomness draws from torch's global generator, which
 every base seeds from the cell seed before training.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms import v2
 
+from attacks._ops import MaxLoss, cutout, fit_linear, orthonormal_directions, pgd_linf, project_out, ueraser_augment
 from benchmark.choices import check_choice
 from benchmark.data import ImageSet
 from benchmark.errors import UEBenchError
 from benchmark.plugins import Attack, Context, Fitted
 from benchmark.registry import ATTACKS
-from benchmark.training import BatchHook, Hooks, TrainConfig, to_float, train
-
-log = logging.getLogger(__name__)
+from benchmark.training import Hooks, TrainConfig
 
 BASES = ("scratch", "linear_probe", "frozen_shallow", "full_finetune", "sf_pretrain")
 PARADIGM_FIELDS = ("weights", "weights_path", "k", "finetune", "pretrain_on")  # the bases' fields beyond TrainConfig
@@ -60,7 +52,7 @@ class Countermeasure(Attack):
     those it has. Subclasses override ``transform`` (the training set, once) and/or ``hooks``.
     """
 
-    base: str = "scratch"             # the paradigm it modifies: scratch | linear_probe | frozen_shallow | full_finetune | sf_pretrain
+    base: str = "scratch"             # the paradigm it modifies: one of BASES
     weights: str = "supervised"       # pretrained bases: zoo source
     weights_path: str = ""            # pretrained bases: checkpoint for weights=file
     k: int = 1                        # frozen_shallow, sf_pretrain: frozen leading stages
@@ -101,88 +93,6 @@ class Countermeasure(Attack):
     def _fit(self, data: ImageSet, backbone: str, ctx: Context) -> Fitted:
         data = self.transform(data, ctx)
         return self.paradigm().fit_with(data, backbone, ctx, self.hooks(data, ctx), desc=type(self).name)
-
-
-# ------------------------------------------------------------------------------------ pure functions
-
-def pgd_linf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int, step_size: float,
-             init_std: float, gen: torch.Generator) -> torch.Tensor:
-    """Untargeted L∞ PGD maximizing cross-entropy, from ``x`` plus Gaussian noise of std ``init_std``;
-    every iterate stays within ``eps`` of ``x`` and in [0, 1]."""
-    noise = torch.randn(x.shape, generator=gen).to(x.device) * init_std
-    x_adv = torch.min(torch.max(x + noise, x - eps), x + eps).clamp(0, 1)
-    for _ in range(steps):
-        x_adv.requires_grad_(True)
-        loss = F.cross_entropy(model(x_adv).float(), y)
-        (grad,) = torch.autograd.grad(loss, [x_adv])
-        x_adv = x_adv.detach() + step_size * grad.sign()
-        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
-    return x_adv.detach()
-
-
-def cutout(x: torch.Tensor, side_h: int, side_w: int, gen: torch.Generator) -> torch.Tensor:
-    """Zero one ``side_h`` x ``side_w`` square per image, centred uniformly anywhere in the image and
-    clipped at its border (DeVries & Taylor's Cutout)."""
-    n, _, h, w = x.shape
-    cy = torch.randint(0, h, (n, 1), generator=gen).to(x.device) - side_h // 2
-    cx = torch.randint(0, w, (n, 1), generator=gen).to(x.device) - side_w // 2
-    rows, cols = torch.arange(h, device=x.device)[None], torch.arange(w, device=x.device)[None]
-    in_rows = (rows >= cy) & (rows < cy + side_h)
-    in_cols = (cols >= cx) & (cols < cx + side_w)
-    return x.masked_fill(in_rows[:, None, :, None] & in_cols[:, None, None, :], 0.0)
-
-
-def orthonormal_directions(weight: torch.Tensor) -> torch.Tensor:
-    """Q (D x K) with orthonormal columns spanning the rows of ``weight`` (K x D): the QR decomposition of
-    the row-normalized weights, as in the reference's ``get_q_matrix``."""
-    rows = weight / weight.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    q, _ = torch.linalg.qr(rows.T)
-    return q
-
-
-def project_out(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """X - Q Qᵀ X on flattened images: what is left is orthogonal to every column of ``q``."""
-    flat = x.flatten(1)
-    return (flat - (flat @ q) @ q.T).view_as(x)
-
-
-def fit_linear(data: ImageSet, cfg: TrainConfig, ctx: Context) -> torch.Tensor:
-    """A bias-free linear classifier (logistic regression) on the flattened [0, 1] pixels; its weight, K x D."""
-    torch.manual_seed(ctx.seed)
-    features = to_float(data.images).flatten(1)
-    model = nn.Linear(features.shape[1], data.num_classes, bias=False)
-    result = train(model, features, data.labels, cfg, device=ctx.device, seed=ctx.seed, progress=ctx.progress,
-                   desc="ortho_projection linear")
-    log.info("ortho_projection: the linear model fits %.1f%% of the training images", result.train_accuracy)
-    return model.weight.detach()
-
-
-class MaxLoss:
-    """UEraser's loss: the max cross-entropy over ``repeats`` augmented copies of each image for the first
-    ``repeat_steps`` steps, then the loss of one augmented copy (UEraser-Lite). The step count is the state."""
-
-    def __init__(self, augment: nn.Module, repeats: int, repeat_steps: int) -> None:
-        self.augment, self.repeats, self.repeat_steps, self.step = augment, repeats, repeat_steps, 0
-
-    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        r = self.repeats if self.step < self.repeat_steps else 1
-        self.step += 1
-        logits = model(self.augment(x.repeat(r, 1, 1, 1)))
-        losses = F.cross_entropy(logits.float(), y.repeat(r), reduction="none")
-        return losses.view(r, -1).max(0).values.mean(), logits[: len(y)]
-
-
-def ueraser_augment() -> nn.Module:
-    """The reference's augmentation (``UEraser`` in lafeat/ueraser, ``ueraser.py``), from kornia."""
-    import kornia.augmentation as K  # imported here: only ueraser needs kornia
-
-    return K.AugmentationSequential(
-        K.RandomPlasmaBrightness(roughness=(0.3, 0.7), intensity=(0.5, 1.0), same_on_batch=False, p=0.5,
-                                 keepdim=True),
-        K.RandomPlasmaContrast(roughness=(0.3, 0.7), p=0.5),
-        K.RandomChannelShuffle(same_on_batch=False, p=0.5, keepdim=True),
-        K.auto.TrivialAugment(),
-    )
 
 
 def _check(name: str, checks: list[tuple[bool, str, object, str]]) -> None:
@@ -307,19 +217,28 @@ class UEraser(Countermeasure):
         return Hooks(loss_fn=MaxLoss(ueraser_augment(), self.repeats, self.repeat_epochs * steps_per_epoch))
 
 
-def _mixing(transform: v2.Transform) -> BatchHook:
-    def hook(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return transform(x, y)
-    return hook
+@dataclass(frozen=True)
+class Mixing(Countermeasure):
+    """Each batch mixed with itself shifted by one (a torchvision ``transforms.v2`` mixing transform, ``mixer``),
+    λ ~ Beta(alpha, alpha) once per batch; the targets are the same convex combination of one-hot labels."""
+
+    alpha: float = 1.0  # Beta(alpha, alpha)
+
+    mixer: ClassVar[type] = v2.MixUp
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(type(self).name, [(self.alpha > 0, "alpha", self.alpha, "> 0")])
+
+    def hooks(self, data: ImageSet, ctx: Context) -> Hooks:
+        mix = self.mixer(alpha=self.alpha, num_classes=data.num_classes)
+        return Hooks(batch_hook=lambda model, x, y: mix(x, y))
 
 
 @ATTACKS.register("mixup")
 @dataclass(frozen=True)
-class MixUp(Countermeasure):
-    """MixUp (torchvision ``transforms.v2.MixUp``): each batch is mixed with itself shifted by one, with
-    one λ ~ Beta(alpha, alpha) per batch; the targets are the same convex combination of one-hot labels."""
-
-    alpha: float = 1.0  # Beta(alpha, alpha)
+class MixUp(Mixing):
+    """MixUp (``transforms.v2.MixUp``): images and targets are λ x + (1 - λ) x_shifted."""
 
     title = "mixup"
     paper = "1710.09412"
@@ -327,34 +246,20 @@ class MixUp(Countermeasure):
     year = 2018
     authors = "Zhang, Cisse, Dauphin, Lopez-Paz"
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check(type(self).name, [(self.alpha > 0, "alpha", self.alpha, "> 0")])
-
-    def hooks(self, data: ImageSet, ctx: Context) -> Hooks:
-        return Hooks(batch_hook=_mixing(v2.MixUp(alpha=self.alpha, num_classes=data.num_classes)))
-
 
 @ATTACKS.register("cutmix")
 @dataclass(frozen=True)
-class CutMix(Countermeasure):
-    """CutMix (torchvision ``transforms.v2.CutMix``): a box of area 1 - λ, λ ~ Beta(alpha, alpha), is pasted
-    from the batch shifted by one; the targets mix the labels by the pasted area."""
+class CutMix(Mixing):
+    """CutMix (``transforms.v2.CutMix``): a box of area 1 - λ is pasted from the shifted batch; the targets mix
+    the labels by the pasted area."""
 
-    alpha: float = 1.0  # Beta(alpha, alpha)
+    mixer = v2.CutMix
 
     title = "CutMix"
     paper = "1905.04899"
     venue = "ICCV"
     year = 2019
     authors = "Yun, Han, Oh, Chun, Choe, Yoo"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check(type(self).name, [(self.alpha > 0, "alpha", self.alpha, "> 0")])
-
-    def hooks(self, data: ImageSet, ctx: Context) -> Hooks:
-        return Hooks(batch_hook=_mixing(v2.CutMix(alpha=self.alpha, num_classes=data.num_classes)))
 
 
 @ATTACKS.register("cutout")

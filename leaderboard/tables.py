@@ -2,8 +2,8 @@
 
 Per group (preset + data set): the ranking (worst-case accuracy, lower is better) and, per backbone,
 the defense x attack matrix of seed-averaged clean test accuracy; when the grid has countermeasures,
-one more matrix per base paradigm: the base itself and each countermeasure on it. The ranking shows each defense's
-certificate (``pass``, ``FAILED`` or ``-`` for none; see ``leaderboard.scores``).
+one more matrix per base paradigm: the base itself and each countermeasure on it. The ranking shows
+each defense's certificate (``pass``, ``FAILED`` or ``-`` for none; see ``leaderboard.scores``).
 """
 
 from __future__ import annotations
@@ -88,7 +88,8 @@ def ranking_frame(board: Leaderboard, pm: str = " ± ") -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def matrix_frame(board: Leaderboard, backbone: str, pm: str = " ± ", attacks: list[str] | None = None) -> pd.DataFrame:
+def matrix_frame(board: Leaderboard, backbone: str, pm: str = " ± ",
+                 attacks: list[str] | None = None) -> pd.DataFrame:
     """Defense x attack accuracy (seeds averaged) of one group and backbone; ``failed`` / ``-`` (missing).
     ``attacks``: these columns only (default: every attack of the grid)."""
     agg = board.aggregated[board.aggregated["backbone"] == backbone]

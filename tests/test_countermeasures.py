@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torchvision.io import decode_jpeg, encode_jpeg
 
-from attacks.countermeasures import (BASES, AdvTraining, Countermeasure, CutMix, Cutout, IssGray, IssJpeg, MaxLoss,
-                                     MixUp, OrthoProjection, fit_linear, orthonormal_directions, project_out,
-                                     ueraser_augment)
+from attacks._ops import MaxLoss, fit_linear, orthonormal_directions, project_out, ueraser_augment
+from attacks.countermeasures import (BASES, AdvTraining, Countermeasure, CutMix, Cutout, IssGray, IssJpeg, MixUp,
+                                     OrthoProjection)
 from benchmark.config import configure
 from benchmark.errors import UEBenchError
 from benchmark.execute import LocalExecutor, run_grid
