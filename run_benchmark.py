@@ -113,7 +113,12 @@ def _list(what: str) -> None:
         print(tabulate(rows, headers=["name", "title", "norm", "budget", "granularity", "venue", "paper"],
                        disable_numparse=True))
     elif what == "attacks":
-        print(tabulate([[n, ATTACKS.get(n).title] for n in ATTACKS.names()], headers=["name", "title"]))
+        rows = []
+        for n in ATTACKS.names():
+            cls = ATTACKS.get(n)
+            kind = f"countermeasure ({cls.composes}=<paradigm>)" if getattr(cls, "composes", "") else "paradigm"
+            rows.append([n, cls.title, kind, f"{cls.venue} {cls.year or ''}".strip(), cls.paper])
+        print(tabulate(rows, headers=["name", "title", "kind", "venue", "paper"], disable_numparse=True))
     elif what == "backbones":
         print(tabulate([[s.name, s.family, s.timm_name, s.description] for s in BACKBONES.values()],
                        headers=["name", "family", "timm", "description"]))

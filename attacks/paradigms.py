@@ -31,7 +31,7 @@ from benchmark.errors import UEBenchError
 from benchmark.models import Classifier, body_stages
 from benchmark.plugins import Attack, Context, Fitted
 from benchmark.registry import ATTACKS
-from benchmark.training import TrainConfig, to_float, train, trainable_parameters
+from benchmark.training import Hooks, TrainConfig, to_float, train, trainable_parameters
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +53,14 @@ class Freeze:
 
 
 def finetune(model: Classifier, data: ImageSet, cfg: TrainConfig, ctx: Context, freeze: Freeze,
-             desc: str) -> Fitted:
-    """Freeze what ``freeze`` declares and train the rest of ``model`` on ``data`` (the shared paradigm step)."""
+             desc: str, hooks: Hooks = Hooks()) -> Fitted:
+    """Freeze what ``freeze`` declares and train the rest of ``model`` on ``data`` (the shared paradigm step),
+    with a countermeasure's ``hooks`` in the loop (images change per batch: no precomputed features then)."""
     freeze.apply(model)
-    if freeze.head_only and cfg.augment == "none":
+    if freeze.head_only and cfg.augment == "none" and not hooks.active:
         return _probe_on_features(model, data, cfg, ctx, desc)
     result = train(model, data.images, data.labels, cfg, device=ctx.device, seed=ctx.seed, progress=ctx.progress,
-                   desc=desc)
+                   desc=desc, batch_hook=hooks.batch_hook, loss_fn=hooks.loss_fn)
     return Fitted(model, train_accuracy=result.train_accuracy, epochs=cfg.epochs,
                   trainable_parameters=trainable_parameters(model))
 
@@ -111,8 +112,14 @@ class PretrainedAttack(Attack):
                                f"which has {n} body stages (k must be in [0, {n}])")
 
     def _fit(self, data: ImageSet, backbone: str, ctx: Context) -> Fitted:
+        return self.fit_with(data, backbone, ctx, Hooks())
+
+    def fit_with(self, data: ImageSet, backbone: str, ctx: Context, hooks: Hooks, desc: str = "") -> Fitted:
+        """Load the zoo weights, freeze, train with ``hooks`` in the loop (a countermeasure's; ``_fit`` passes
+        none)."""
         model = self.pretrained(data, backbone, ctx, pool=self.pretraining_pool(data))
-        return finetune(model, data, self.train_config(), ctx, self.freezing(), f"{self.name} {backbone}")
+        return finetune(model, data, self.train_config(), ctx, self.freezing(), f"{desc or self.name} {backbone}",
+                        hooks)
 
     def zoo_sources(self) -> frozenset[str]:
         return frozenset({self.weights} - {"random"})  # random: the control, no zoo weights

@@ -14,7 +14,7 @@ from benchmark.data import ImageSet
 from benchmark.models import create_model
 from benchmark.plugins import Attack, Context, Fitted
 from benchmark.registry import ATTACKS
-from benchmark.training import train, trainable_parameters
+from benchmark.training import Hooks, train, trainable_parameters
 
 
 @ATTACKS.register("scratch")
@@ -26,9 +26,14 @@ class Scratch(Attack):
         return frozenset()  # no pretrained weights
 
     def _fit(self, data: ImageSet, backbone: str, ctx: Context) -> Fitted:
+        return self.fit_with(data, backbone, ctx, Hooks())
+
+    def fit_with(self, data: ImageSet, backbone: str, ctx: Context, hooks: Hooks, desc: str = "scratch") -> Fitted:
+        """Train from scratch with ``hooks`` in the loop (a countermeasure's; ``_fit`` passes none)."""
         torch.manual_seed(ctx.seed)
         model = create_model(backbone, data.num_classes, data.image_shape[-1], data.image_shape[0])
         result = train(model, data.images, data.labels, self.train_config(), device=ctx.device, seed=ctx.seed,
-                       progress=ctx.progress, desc=f"scratch {backbone}")
+                       progress=ctx.progress, desc=f"{desc} {backbone}", batch_hook=hooks.batch_hook,
+                       loss_fn=hooks.loss_fn)
         return Fitted(model, train_accuracy=result.train_accuracy, epochs=self.epochs,
                       trainable_parameters=trainable_parameters(model))

@@ -4,7 +4,9 @@ Values are converted to the dataclass field's type (``8/255`` is accepted for fl
 arrive typed (from a TOML preset) are checked against it: an int passes for a float, a bool is no
 number, and floats must be finite. Anything else fails as a one-line ``UEBenchError``. A configured
 plugin's *label* is its name plus the fields that differ from the protocol defaults (the dataclass
-defaults with the preset's overrides applied), e.g. ``random_noise(mode=class)``.
+defaults with the preset's overrides applied), e.g. ``random_noise(mode=class)``. A plugin that modifies
+another (a countermeasure and its ``base`` paradigm, ``Attack.composes``) starts from the base's defaults
+and protocol, and its label always names a base other than the default: ``iss_jpeg(base=full_finetune)``.
 """
 
 from __future__ import annotations
@@ -165,16 +167,46 @@ def configure(registry: Registry, spec: str, protocol: dict[str, dict[str, Any]]
         raise UEBenchError(f"{registry.kind} {name!r}: {cls.__qualname__} is not a plugin (a frozen dataclass)")
     name = cls.name
     protocol = protocol or {}
-    shared = {**protocol.get("*", {}), **(protocol.get(f"*@{backbone}", {}) if backbone else {})}
-    proto = {**protocol.get("*", {}), **(protocol.get(f"*@{backbone}", {}) if backbone else {}),
-             **protocol.get(name, {}), **(protocol.get(f"{name}@{backbone}", {}) if backbone else {})}
     valid = {f.name for f in dataclasses.fields(cls)}
+    start, tables, shown = composed_start(registry, cls, fields, protocol, backbone)
+    shared = {**protocol.get("*", {}), **(protocol.get(f"*@{backbone}", {}) if backbone else {})}
+    proto: dict[str, Any] = dict(shared)
+    for table in [*tables, name]:
+        proto.update({**protocol.get(table, {}), **(protocol.get(f"{table}@{backbone}", {}) if backbone else {})})
     proto = {k: v for k, v in proto.items() if k in valid or k not in shared}
-    base = build(cls, proto, f"{registry.kind} {name!r} (preset)")
-    plugin = build(cls, {**proto, **fields}, f"{registry.kind} {name!r}")
-    changed = [f.name for f in dataclasses.fields(cls) if getattr(plugin, f.name) != getattr(base, f.name)]
+    base = build(cls, {**start, **proto}, f"{registry.kind} {name!r} (preset)")
+    plugin = build(cls, {**start, **proto, **fields}, f"{registry.kind} {name!r}")
+    changed = shown + [f.name for f in dataclasses.fields(cls)
+                       if f.name not in shown and getattr(plugin, f.name) != getattr(base, f.name)]
     label = name if not changed else f"{name}({','.join(f'{k}={_show(getattr(plugin, k))}' for k in changed)})"
     return Configured(plugin, label)
+
+
+def composed_start(registry: Registry, cls: type, fields: dict[str, str], protocol: dict[str, dict[str, Any]],
+                   backbone: str | None = None) -> tuple[dict[str, Any], list[str], list[str]]:
+    """For a plugin that modifies another (its class names the field in ``composes``, e.g. a countermeasure's
+    ``base`` paradigm): the base's dataclass defaults of the fields both have, the protocol tables of the base
+    (applied before the plugin's own), and the composing field, always shown in the label when it is not the
+    class default. ``({}, [], [])`` for any other plugin."""
+    composes = getattr(cls, "composes", "")
+    if not composes:
+        return {}, [], []
+    default = next(f.default for f in dataclasses.fields(cls) if f.name == composes)
+    value = default
+    for table in ("*", f"*@{backbone}" if backbone else "", cls.name,
+                  f"{cls.name}@{backbone}" if backbone else ""):  # the order configure merges in
+        value = protocol.get(table, {}).get(composes, value)
+    value = fields.get(composes, value)
+    if not isinstance(value, str):
+        raise UEBenchError(f"{registry.kind} {cls.name!r}: {composes}={value!r} must be the name of a "
+                           f"{registry.kind}")
+    base_cls = registry.get(value)
+    if base_cls is cls or not dataclasses.is_dataclass(base_cls):
+        raise UEBenchError(f"{registry.kind} {cls.name!r}: {composes}={value!r} cannot be its base")
+    valid = {f.name for f in dataclasses.fields(cls)}
+    start = {f.name: f.default for f in dataclasses.fields(base_cls)
+             if f.name in valid and f.default is not dataclasses.MISSING}
+    return {**start, composes: value}, [base_cls.name], [composes] if value != default else []
 
 
 def _show(value: Any) -> str:

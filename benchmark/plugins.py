@@ -327,7 +327,11 @@ class Attack(Plugin, TrainConfig):
 
     The training protocol (epochs, lr, optimizer, augmentation, ...) is part of the attack's fields,
     inherited from ``TrainConfig``; subclasses add their own (e.g. the number of frozen stages).
+    ``composes`` names the field of an attack that modifies another paradigm (a countermeasure's ``base``):
+    ``configure`` then starts it from that paradigm's defaults and preset protocol.
     """
+
+    composes: ClassVar[str] = ""
 
     def metadata(self) -> dict[str, Any]:
         return self.plugin_info()

@@ -41,6 +41,19 @@ def cross_entropy_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tu
 
 
 @dataclass(frozen=True)
+class Hooks:
+    """What a countermeasure changes in the loop: ``batch_hook`` runs on each batch after the protocol's
+    augmentation, ``loss_fn`` replaces cross-entropy. The default changes nothing."""
+
+    batch_hook: BatchHook | None = None
+    loss_fn: LossFn = cross_entropy_loss
+
+    @property
+    def active(self) -> bool:
+        return self.batch_hook is not None or self.loss_fn is not cross_entropy_loss
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """A training protocol. Defaults: the shared protocol of docs/methods.md (training from scratch)."""
 
