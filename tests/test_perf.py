@@ -105,9 +105,10 @@ def test_loop_ratios_are_measured_side_by_side():
     rates = rep["images_per_second"]["resnet_tiny"]
     assert set(rates) == {"raw", "loop_none", "loop_crop_flip", "classic_crop_flip"}
     assert all(v > 0 for v in rates.values())
-    assert rep["loop_vs_raw"]["resnet_tiny"]["none"] == pytest.approx(rates["loop_none"] / rates["raw"], abs=1e-3)
+    # the rates are reported to 0.1 image/s, the ratios from the unrounded rates
+    assert rep["loop_vs_raw"]["resnet_tiny"]["none"] == pytest.approx(rates["loop_none"] / rates["raw"], rel=0.01)
     assert rep["loop_vs_classic"]["resnet_tiny"] == pytest.approx(
-        rates["loop_crop_flip"] / rates["classic_crop_flip"], abs=1e-3)
+        rates["loop_crop_flip"] / rates["classic_crop_flip"], rel=0.01)
 
 
 def test_the_grid_is_measured_cold_then_warm():
