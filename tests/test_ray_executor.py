@@ -18,6 +18,7 @@ from benchmark.plan import plan
 from benchmark.presets import preset_from_dict
 from benchmark.registry import ATTACKS
 from benchmark.store import Store
+from run_benchmark import main
 
 ray = pytest.importorskip("ray")  # in the dev extra; optional for users (uebench[ray])
 from benchmark.ray_executor import RayExecutor  # noqa: E402
@@ -49,7 +50,7 @@ def test_ray_gives_the_local_executors_results(tmp_path):
     assert len(cells) == 4, [c.describe() for c in cells]
     local = run_grid(cells, tmp_path / "local", LocalExecutor(tmp_path / "local" / "cache", device=torch.device("cpu"),
                                                              progress=False))
-    remote = run_grid(cells, tmp_path / "ray", _ray(tmp_path / "ray"))
+    remote = run_grid(cells, tmp_path / "ray", _ray(tmp_path / "ray", cell_timeout=300))  # cells in the workers' children
     by_key = {r.key: r for r in local.ran}
     assert sorted(by_key) == sorted(r.key for r in remote.ran), "the Ray run must return one record per cell"
     for rec in remote.ran:
@@ -99,6 +100,8 @@ def test_a_dying_worker_is_retried_and_then_recorded_failed(tmp_path):
         marker = tmp_path / "died"
         grid = dict(GRID, defenses=["clean"], attacks=[f"dies_once:marker={marker}", "always_dies"])
         cells = plan(preset_from_dict(grid))
+        # the protected set is in the cache already, so both cells run at once (none waits for it to be built)
+        LocalExecutor(tmp_path / "out" / "cache", device=torch.device("cpu"), progress=False).protected(cells[0])
         summary = run_grid(cells, tmp_path / "out", _ray(tmp_path / "out", max_retries=1))
     finally:
         ATTACKS.unregister("dies_once")
@@ -109,8 +112,8 @@ def test_a_dying_worker_is_retried_and_then_recorded_failed(tmp_path):
     assert marker.exists() and status["dies_once"].status == "ok", \
         f"a worker that died once must be retried: {status['dies_once'].error}"
     retried = next(c for c in cells if c.attack.label.startswith("dies_once"))
-    (local,) = run_grid([retried], tmp_path / "local", LocalExecutor(tmp_path / "cache", device=torch.device("cpu"),
-                                                                    progress=False)).ran
+    (local,) = run_grid([retried], tmp_path / "local", LocalExecutor(tmp_path / "out" / "cache",
+                                                                    device=torch.device("cpu"), progress=False)).ran
     assert status["dies_once"].accuracy == local.accuracy, \
         f"the retried cell must compute what the local executor does: {status['dies_once'].accuracy} != {local.accuracy}"
     dead = status["always_dies"]
@@ -131,3 +134,25 @@ def test_bad_options_are_one_line_errors(tmp_path):
                             ({"address": "127.0.0.1:6379", "num_cpus": 2}, "num_cpus sizes a local Ray instance")):
         with pytest.raises(UEBenchError, match=message):
             RayExecutor(tmp_path, device=torch.device("cpu"), **kwargs)
+
+
+def test_the_command_line_builds_the_ray_executor(tmp_path, monkeypatch, capsys):
+    seen = []
+
+    def fake_run_grid(cells, out, executor):
+        seen.append(executor)
+        raise UEBenchError("stopped before any work")
+
+    monkeypatch.setattr("benchmark.execute.run_grid", fake_run_grid)
+    base = ["run", "--defenses", "clean", "--attacks", "scratch", "--backbones", "resnet_tiny", "--device", "cpu",
+            "--out", str(tmp_path / "out")]
+    assert main(base + ["--executor", "ray", "--num-cpus", "3", "--cpus-per-cell", "0.5", "--cell-timeout", "9"]) == 2
+    (executor,) = seen
+    assert isinstance(executor, RayExecutor) and (executor.num_cpus, executor.cpus_per_cell, executor.cell_timeout,
+                                                  executor.address) == (3, 0.5, 9.0, None), vars(executor)
+    assert main(base + ["--executor", "ray", "--address", "127.0.0.1:6379"]) == 2 and seen[1].address == "127.0.0.1:6379"
+    capsys.readouterr()
+    assert main(base + ["--address", "127.0.0.1:6379", "--num-cpus", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "uebench: error: --address, --num-cpus needs --executor ray", f"one line naming the options: {err}"
+    assert len(seen) == 2, "no executor may be built for a refused command line"
