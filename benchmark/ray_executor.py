@@ -41,7 +41,7 @@ from benchmark.store import CellRecord
 
 log = logging.getLogger(__name__)
 PLUGIN_FILE_MODULES = "uebench_plugin_"  # ``load_plugin_file`` names its modules so; workers cannot import them
-_RUNNERS: dict[tuple[str, str, float | None], LocalExecutor] = {}  # in each worker: one runner, kept between tasks
+_RUNNER: dict[tuple[str, str, float | None], LocalExecutor] = {}  # in each worker: its runner, kept between tasks
 
 
 def import_ray() -> Any:
@@ -55,20 +55,22 @@ def import_ray() -> Any:
 def run_cell_task(cell: Cell, cache_dir: str, device_type: str, cell_timeout: float | None) -> CellRecord:
     """A Ray task: the cell's record, computed by this worker's runner (Ray assigns the GPU: ``cuda``)."""
     key = (cache_dir, device_type, cell_timeout)
-    if key not in _RUNNERS:
+    if key not in _RUNNER:  # a new run's first task in this worker: one runner (and its data) at a time
         import attacks  # noqa: F401  built-in plugins register on import, as in the driver
         import defenses  # noqa: F401
 
-        _RUNNERS[key] = LocalExecutor(cache_dir, device=torch.device(device_type), progress=False,
-                                      cell_timeout=cell_timeout)
-    return _RUNNERS[key].run_cell(cell)
+        _RUNNER.clear()
+        _RUNNER[key] = LocalExecutor(cache_dir, device=torch.device(device_type), progress=False,
+                                     cell_timeout=cell_timeout)
+    return _RUNNER[key].run_cell(cell)
 
 
 class RayExecutor:
     """Runs each cell as a Ray task; see the module docstring.
 
-    ``address``: a running cluster (``ray.init(address=...)``); else a local instance of ``num_cpus`` CPUs
-    (default: all), without dashboard, shut down at the end. A cell asks for one GPU when ``device`` is
+    ``address``: a running cluster (``ray.init(address=...)``, disconnected at the end); else a local instance
+    of ``num_cpus`` CPUs (default: all), without dashboard, shut down at the end; a Ray session the caller
+    started is used and left running. A cell asks for one GPU when ``device`` is
     CUDA, else for ``cpus_per_cell`` CPUs. ``max_in_flight`` (default: as many cells as the cluster's
     CPUs or GPUs hold at once) bounds the running cells. ``cell_timeout`` is applied in the worker as by
     ``LocalExecutor`` (the cell runs in a child of the worker).
@@ -97,22 +99,26 @@ class RayExecutor:
         self._cache = Cache(self.cache_dir)
 
     def _start(self, ray: Any) -> bool:
-        """Connect to the cluster or start a local instance; True if this executor started it."""
-        if ray.is_initialized():
+        """Connect to the cluster or start a local instance; True if this executor did (and so ends it)."""
+        if ray.is_initialized():  # the caller's own Ray session
             return False
         if self.address is not None:
             ray.init(address=self.address, configure_logging=False)
-            return False
+            return True
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a local instance reports nothing
         ray.init(num_cpus=self.num_cpus or os.cpu_count() or 1, include_dashboard=False, configure_logging=False)
         return True
 
     def _slots(self, ray: Any) -> int:
+        """How many cells may run at once: ``max_in_flight``, else what the cluster holds."""
+        resources = ray.cluster_resources()
+        if self.device.type == "cuda" and not resources.get("GPU"):
+            raise UEBenchError(f"--device {self.device} asks for a GPU per cell, but the Ray cluster has none "
+                               f"({resources.get('CPU', 0):g} CPUs)")
         if self.max_in_flight is not None:
             return self.max_in_flight
-        resources = ray.cluster_resources()
         if self.device.type == "cuda":
-            return max(1, int(resources.get("GPU", 1)))
+            return max(1, int(resources["GPU"]))
         return max(1, int(resources.get("CPU", 1) // self.cpus_per_cell))
 
     def run(self, cells: Iterable[Cell]) -> Iterator[CellRecord]:
@@ -122,7 +128,7 @@ class RayExecutor:
             return
         self._driver.splits(first.dataset)  # a bad data set is the user's error, before Ray starts
         ray = import_ray()
-        started_here = self._start(ray)
+        ours = self._start(ray)
         dispatch, bar = None, None
         try:
             for name, module in list(sys.modules.items()):  # plugin files travel with the cells, by value
@@ -156,7 +162,7 @@ class RayExecutor:
                 ray.cancel(ref, force=True)
             if bar is not None:
                 bar.close()
-            if started_here:
+            if ours:
                 ray.shutdown()
 
     def _result(self, ray: Any, ref: Any, cell: Cell, started: float, start: float) -> CellRecord:

@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -136,6 +137,12 @@ def test_bad_options_are_one_line_errors(tmp_path):
             RayExecutor(tmp_path, device=torch.device("cpu"), **kwargs)
 
 
+def test_without_ray_the_error_says_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # ``import ray`` raises ImportError
+    with pytest.raises(UEBenchError, match=r"--executor ray needs Ray: pip install 'uebench\[ray\]'"):
+        RayExecutor(tmp_path, device=torch.device("cpu"))
+
+
 def test_the_command_line_builds_the_ray_executor(tmp_path, monkeypatch, capsys):
     seen = []
 
@@ -156,3 +163,14 @@ def test_the_command_line_builds_the_ray_executor(tmp_path, monkeypatch, capsys)
     err = capsys.readouterr().err
     assert err.strip() == "uebench: error: --address, --num-cpus needs --executor ray", f"one line naming the options: {err}"
     assert len(seen) == 2, "no executor may be built for a refused command line"
+
+
+def test_the_cells_in_flight_follow_the_cluster(tmp_path):
+    cluster = SimpleNamespace(cluster_resources=lambda: {"CPU": 4.0, "memory": 1e9})
+    assert RayExecutor(tmp_path, device=torch.device("cpu"), cpus_per_cell=1.5)._slots(cluster) == 2, \
+        "4 CPUs hold two cells of 1.5 CPUs"
+    assert RayExecutor(tmp_path, device=torch.device("cpu"), max_in_flight=7)._slots(cluster) == 7
+    with pytest.raises(UEBenchError, match=r"--device cuda asks for a GPU per cell, but the Ray cluster has none"):
+        RayExecutor(tmp_path, device=torch.device("cuda"))._slots(cluster)
+    gpus = SimpleNamespace(cluster_resources=lambda: {"CPU": 8.0, "GPU": 3.0})
+    assert RayExecutor(tmp_path, device=torch.device("cuda"))._slots(gpus) == 3, "one cell per GPU"
