@@ -99,7 +99,8 @@ def test_a_dying_worker_is_retried_and_then_recorded_failed(tmp_path):
     ATTACKS.register("always_dies")(AlwaysDies)
     try:
         marker = tmp_path / "died"
-        grid = dict(GRID, defenses=["clean"], attacks=[f"dies_once:marker={marker}", "always_dies"])
+        grid = dict(GRID, defenses=["clean"], attacks=[f"dies_once:marker={marker}", "always_dies"],
+                    attack_protocol={"dies_once": GRID["attack_protocol"]["scratch"]})
         cells = plan(preset_from_dict(grid))
         # the protected set is in the cache already, so both cells run at once (none waits for it to be built)
         LocalExecutor(tmp_path / "out" / "cache", device=torch.device("cpu"), progress=False).protected(cells[0])
