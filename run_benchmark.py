@@ -3,6 +3,7 @@
 
     python run_benchmark.py list [defenses|attacks|backbones|datasets|presets]
     python run_benchmark.py run --preset quick [--defenses em:mode=class lsp] [--attacks scratch] ...
+    python run_benchmark.py run --preset quick --executor ray [--address ADDR]
     python run_benchmark.py perf [--json perf.json] [--no-grid]
 
 Errors in arguments or data print one line and exit with code 2.
@@ -19,6 +20,8 @@ from benchmark.errors import UEBenchError
 
 log = logging.getLogger("uebench")
 LIST_WHAT = ("defenses", "attacks", "backbones", "datasets", "presets")
+EXECUTORS = ("local", "ray")
+RAY_OPTIONS = ("address", "num_cpus", "cpus_per_cell")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,6 +59,17 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default="results", help="results directory (default: results/)")
     run.add_argument("--cache-dir", help="cache directory (default: OUT/cache)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--executor", choices=EXECUTORS, default="local",
+                     help="local: cells one at a time in this process (default); ray: one Ray task per cell, on a "
+                          "local Ray instance or the cluster at --address (pip install 'uebench[ray]'); a cell "
+                          "asks for one GPU on a CUDA --device, else for --cpus-per-cell CPUs")
+    run.add_argument("--address", metavar="ADDR",
+                     help="with --executor ray: the Ray cluster to use (e.g. auto, or HOST:6379); its nodes must "
+                          "see --cache-dir and the data. Default: start a local Ray instance")
+    run.add_argument("--num-cpus", type=int, metavar="N",
+                     help="with --executor ray and no --address: CPUs of the local Ray instance (default: all)")
+    run.add_argument("--cpus-per-cell", type=float, metavar="N",
+                     help="with --executor ray: CPUs each CPU cell asks for (default: 1)")
 
     pre = sub.add_parser("pretrain", help="build the zoo's pretrained backbones ahead of time (cached)",
                          description="Pretrain each backbone on the data set's source pool (supervised and "
@@ -143,6 +157,9 @@ def _run(args: argparse.Namespace) -> int:
     from benchmark.training import resolve_device
     from leaderboard.cli import cell_timeout
 
+    given = [f"--{o.replace('_', '-')}" for o in RAY_OPTIONS if getattr(args, o) is not None]
+    if given and args.executor != "ray":
+        raise UEBenchError(f"{', '.join(given)} needs --executor ray")
     preset = load_preset(args.preset)
     dataset = with_dataset_overrides(preset.dataset, name=args.dataset, train_size=args.train_size,
                                      test_size=args.test_size, data_root=args.data_root,
@@ -152,8 +169,15 @@ def _run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     log.info("preset %s: %d cells on %s, results in %s", preset.name, len(cells), device, args.out)
     out = Path(args.out)
-    executor = LocalExecutor(args.cache_dir or out / "cache", device=device, progress=not args.no_progress,
-                             cell_timeout=cell_timeout(args, preset))
+    cache_dir, timeout = args.cache_dir or out / "cache", cell_timeout(args, preset)
+    if args.executor == "ray":
+        from benchmark.ray_executor import RayExecutor
+
+        executor = RayExecutor(cache_dir, device=device, address=args.address, num_cpus=args.num_cpus,
+                               cpus_per_cell=1.0 if args.cpus_per_cell is None else args.cpus_per_cell,
+                               cell_timeout=timeout, progress=not args.no_progress)
+    else:
+        executor = LocalExecutor(cache_dir, device=device, progress=not args.no_progress, cell_timeout=timeout)
     summary = run_grid(cells, out, executor)
     with Store(out / "results.sqlite") as store:
         df = results_frame(store, summary.keys)

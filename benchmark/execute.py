@@ -166,6 +166,11 @@ class LocalExecutor:
                 error += f" (defense {cell.defense.label!r} did not finish its protected set)"
                 self._given_up[key] = error + "; not tried again in this run"
         log.error("cell %s failed: %s", cell.describe(), error)
+        return self.failed(cell, error, started=started, start=start)
+
+    def failed(self, cell: Cell, error: str, *, started: float, start: float) -> CellRecord:
+        """The record of a cell that did not return one (its child or its worker died): ``error`` says why;
+        ``started`` is its wall-clock start, ``start`` its ``perf_counter`` start."""
         return self._record(cell, status="failed", error=error, started=started, start=start,
                             metrics=self._cell_metrics(cell))
 
