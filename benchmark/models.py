@@ -31,9 +31,17 @@ class BackboneSpec:
     kwargs: dict = field(default_factory=dict, hash=False)
     small_stem: bool = True          # 3x3 stride-1 stem without max-pool, for 32x32 inputs (resnet)
     description: str = ""
+    conv_stem: bool = False          # vit: 3x3 stride-2 convolutions in place of the patchify layer (ViT_C)
+
+    def __post_init__(self) -> None:
+        patch = self.kwargs.get("patch_size", 16)
+        if self.conv_stem and (self.family != "vit" or patch < 2 or patch & (patch - 1)):
+            raise UEBenchError(f"backbone {self.name!r}: conv_stem needs a vit with a power-of-two patch_size, "
+                               f"got family {self.family!r}, patch_size {patch!r}")
 
     def key(self) -> dict:
-        return {"name": self.name, "timm_name": self.timm_name, "kwargs": self.kwargs, "small_stem": self.small_stem}
+        key = {"name": self.name, "timm_name": self.timm_name, "kwargs": self.kwargs, "small_stem": self.small_stem}
+        return {**key, "conv_stem": True} if self.conv_stem else key
 
 
 BACKBONES: Registry[BackboneSpec] = Registry("backbone")
@@ -57,14 +65,21 @@ register_backbone(BackboneSpec(
 register_backbone(BackboneSpec(
     "vit_tiny", "vit", "vit_tiny_patch16_224",
     {"patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 3, "mlp_ratio": 2.0},
-    description="ViT, patch 4, width 96, depth 4 (0.3M params); CPU-fast"))
+    description="ViT, patch 4, width 96, depth 4 (0.3M params); CPU-fast, but stays at chance on the glyph "
+                "pool (docs/methods.md)"))
+register_backbone(BackboneSpec(
+    "vit_tiny_conv", "vit", "vit_tiny_patch16_224",
+    {"patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 3, "mlp_ratio": 2.0}, conv_stem=True,
+    description="vit_tiny with a convolutional stem in place of patch 4 (Xiao et al. 2021); learns the glyph "
+                "pool where the patchify stem stays at chance (docs/methods.md); CPU-fast"))
 register_backbone(BackboneSpec(
     "vit_tiny_p4", "vit", "vit_tiny_patch16_224", {"patch_size": 4},
     description="ViT-Tiny (width 192, depth 12) with patch 4 for small images (5.4M params)"))
 register_backbone(BackboneSpec(
     "convnext_tiny", "convnext", "convnext_atto",
     {"depths": (1, 1, 1, 1), "dims": (16, 32, 64, 128), "patch_size": 1},
-    description="ConvNeXt, 4 stages of one block, 16-128 channels, stride-1 stem; CPU-fast"))
+    description="ConvNeXt, 4 stages of one block, 16-128 channels, stride-1 stem; stays at chance on the glyph "
+                "pool in a CPU budget (docs/methods.md)"))
 register_backbone(BackboneSpec(
     "convnext_atto", "convnext", "convnext_atto", {"patch_size": 1},
     description="ConvNeXt-Atto (3.4M params) with a stride-1 stem for small images"))
@@ -158,10 +173,26 @@ def create_model(name: str, num_classes: int, image_size: int = 32, in_chans: in
         net.maxpool = nn.Identity()
     if spec.family == "mobilenet" and spec.small_stem:
         net.conv_stem.stride = (1, 1)
+    if spec.conv_stem:
+        net.patch_embed.proj = conv_stem(in_chans, net.patch_embed.proj.out_channels, spec.kwargs["patch_size"])
     if spec.small_stem:
         return Classifier(net, spec)
     cfg = net.pretrained_cfg or {}
     return Classifier(net, spec, cfg.get("mean", CIFAR_MEAN), cfg.get("std", CIFAR_STD))
+
+
+def conv_stem(in_chans: int, width: int, patch_size: int) -> nn.Sequential:
+    """The convolutional stem of "Early Convolutions Help Transformers See Better" (Xiao et al., NeurIPS
+    2021): log2(patch_size) 3x3 stride-2 convolutions with batch norm and ReLU, widths doubling up to
+    ``width / 2``, then a 1x1 convolution to ``width``; the same token grid as a patchify layer."""
+    layers: list[nn.Module] = []
+    steps = patch_size.bit_length() - 1
+    chans = in_chans
+    for i in range(steps):
+        out = max(1, width >> (steps - i))
+        layers += [nn.Conv2d(chans, out, 3, 2, 1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+        chans = out
+    return nn.Sequential(*layers, nn.Conv2d(chans, width, 1))
 
 
 @functools.lru_cache(maxsize=None)

@@ -67,8 +67,8 @@ class Cell:
     def config(self) -> dict[str, Any]:
         return {"dataset": self.dataset.key(), "defense": self.defense.config(), "attack": self.attack.config(),
                 "backbone": get_spec(self.backbone).key(), "seed": self.seed,
-                "zoo": zoo_recipe(self.zoo, self.defense, self.attack), "protocol_version": PROTOCOL_VERSION,
-                **self._threat()}
+                "zoo": zoo_recipe(self.zoo, self.defense, self.attack, backbone=self.backbone),
+                "protocol_version": PROTOCOL_VERSION, **self._threat()}
 
     @property
     def key(self) -> str:
@@ -84,13 +84,19 @@ class Cell:
         return f"{self.defense.label} / {self.attack.label} / {self.backbone} / seed {self.seed}"
 
 
-def zoo_recipe(zoo: PretrainConfig, *plugins: Configured) -> dict[str, Any]:
-    """The part of the zoo recipe that these configured plugins depend on, from the sources they declare:
-    a change to the ``sf`` recipe then reruns only the cells whose plugins use ``sf``."""
-    sources: set[str] = set()
+def zoo_recipe(zoo: PretrainConfig, *plugins: Configured, backbone: str | None = None) -> dict[str, Any]:
+    """The part of the zoo recipe that these configured plugins depend on, from the sources and backbones
+    they declare (``zoo_sources``, ``zoo_backbones``) plus the cell's ``backbone``: a change to the ``sf``
+    recipe then reruns only the cells whose plugins use ``sf``, and one backbone's own recipe only the
+    cells that use that backbone's weights."""
+    sources = set().union(*(p.plugin.zoo_sources() for p in plugins))
+    recipe = zoo.recipe(sources)
+    own: dict[str, dict[str, Any]] = {}
     for p in plugins:
-        sources |= p.plugin.zoo_sources()
-    return zoo.recipe(sources)
+        for name, recipes in zoo.recipe(p.plugin.zoo_sources(), p.plugin.zoo_backbones(backbone)).get(
+                "backbones", {}).items():
+            own[name] = {**own.get(name, {}), **recipes}
+    return {**recipe, "backbones": dict(sorted(own.items()))} if own else recipe
 
 
 SEED_MAX = 2**31 - 1  # seeds feed torch generators as seed * 1_000_003 + offset, which must stay < 2**64

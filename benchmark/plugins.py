@@ -235,6 +235,14 @@ class Plugin:
         reaches the ``sf`` zoo must say so, or its cells are not recomputed when the sf recipe changes."""
         return frozenset({"supervised"})
 
+    def zoo_backbones(self, backbone: str | None) -> frozenset[str] | None:
+        """The backbones this configured plugin takes zoo weights for in a cell of ``backbone`` (``None``:
+        a protected set, which has no backbone): an attack's is the cell's, a defense's its surrogate's.
+        Keys include those backbones' own zoo recipes (a preset's ``zoo["supervised@<backbone>"]``) of the
+        sources in ``zoo_sources``; ``None`` (not declared) is taken to mean any backbone, so every
+        per-backbone recipe of those sources enters the keys."""
+        return None
+
     @classmethod
     def plugin_info(cls) -> dict[str, Any]:
         return {"name": cls.name, "title": cls.title, "paper": cls.paper, "venue": cls.venue, "year": cls.year,
@@ -335,6 +343,9 @@ class Attack(Plugin, TrainConfig):
 
     def metadata(self) -> dict[str, Any]:
         return self.plugin_info()
+
+    def zoo_backbones(self, backbone: str | None) -> frozenset[str]:
+        return frozenset({backbone} if backbone else ())
 
     def fit(self, train: ImageSet, backbone: str, ctx: Context) -> Fitted:
         """Train a victim on ``train``; ``_fit`` returns a ``Fitted`` (or a bare ``nn.Module``)."""

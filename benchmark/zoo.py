@@ -19,6 +19,10 @@ Sources of weights:
   (``supervised_weights="timm"``): the ImageNet backbone is then the supervised pretrained one.
 - ``file``: a local checkpoint (safetensors, or ``torch.load(weights_only=True)``; never unpickled).
 
+A preset may give one backbone its own recipe, ``zoo["supervised@vit_tiny"]`` (fields on top of
+``zoo["supervised"]``), as the attack protocol does: the families do not learn under one recipe
+(docs/methods.md, "Backbone families"). Backbones without one keep the shared recipe and their keys.
+
 Built checkpoints are cached under ``<cache>/zoo/`` by a hash of everything that made them.
 
 Threat models of a surrogate (``SURROGATE_THREAT_MODELS``): ``white-box`` (the default, the papers'
@@ -33,7 +37,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterable
 
@@ -88,12 +92,22 @@ class PretrainConfig:
     sf_init: str = "random"      # sf: start from random weights, or from the 'supervised' zoo weights
     seed: int = 0                # the zoo's own seed: the same pretrained weights for every cell seed
     supervised_weights: str = "pool"  # supervised: pretrain on the source pool | timm: timm's (ImageNet) weights
+    # per-backbone recipes, {backbone: {"supervised" | "sf": TrainConfig}}, replacing the shared one
+    backbones: dict[str, dict[str, TrainConfig]] = field(default_factory=dict, hash=False)
 
-    def recipe(self, sources: Iterable[str]) -> dict:
+    def for_backbone(self, backbone: str) -> PretrainConfig:
+        """This config with ``backbone``'s own recipes in place of the shared ones."""
+        return replace(self, **self.backbones.get(backbone, {}), backbones={})
+
+    def recipe(self, sources: Iterable[str], backbones: Iterable[str] | None = ()) -> dict:
         """The part of this config that weights from ``sources`` depend on, as it enters cache and cell
         keys: everything when ``sf`` is among them, else the supervised recipe and the seed. The
         supervised recipe is always included (sf starts from it with ``sf_init=supervised``, and keys
-        written before plugins declared their sources include it); other sources add nothing."""
+        written before plugins declared their sources include it); other sources add nothing.
+
+        ``backbones``: the backbones the weights are for (``None``: not known, so all); their own recipes
+        of these sources are added under ``"backbones"``, which is left out when there are none (a
+        backbone without its own recipe keeps the keys it had before per-backbone recipes existed)."""
         sources = set(sources)
         bad = sorted(sources - set(WEIGHT_SOURCES))
         if bad:
@@ -101,8 +115,15 @@ class PretrainConfig:
         full = asdict(self)
         if self.supervised_weights == "pool":  # the default stays out of keys written before the field existed
             del full["supervised_weights"]
+        del full["backbones"]
         out = full if "sf" in sources else {"supervised": full["supervised"], "seed": full["seed"]}
-        return {**out, "supervised_weights": self.supervised_weights} if "supervised_weights" in full else out
+        if "supervised_weights" in full:
+            out = {**out, "supervised_weights": self.supervised_weights}
+        used = set(PRETRAINED_SOURCES) if "sf" in sources else sources & set(PRETRAINED_SOURCES)
+        names = sorted(self.backbones if backbones is None else set(backbones) & set(self.backbones))
+        own = {b: {s: asdict(c) for s, c in sorted(self.backbones[b].items()) if s in used} for b in names}
+        own = {b: recipes for b, recipes in own.items() if recipes}
+        return {**out, "backbones": own} if own else out
 
     def __post_init__(self) -> None:
         if self.sf_init not in ("random", "supervised"):
@@ -112,6 +133,12 @@ class PretrainConfig:
                                f"{SUPERVISED_WEIGHTS}")
         if self.label_weight < 0:
             raise UEBenchError(f"zoo: label_weight={self.label_weight} must be >= 0")
+        for backbone, recipes in self.backbones.items():
+            get_spec(backbone)  # an unknown name fails with the valid names
+            bad = sorted(set(recipes) - set(PRETRAINED_SOURCES))
+            if bad or not all(isinstance(c, TrainConfig) for c in recipes.values()):
+                raise UEBenchError(f"zoo: the recipes of backbone {backbone!r} must be TrainConfigs named "
+                                   f"{' or '.join(PRETRAINED_SOURCES)}; got {sorted(recipes)}")
         if not self.temperature > 0 or self.projection_dim < 1 or self.seed < 0:
             raise UEBenchError(f"zoo: temperature={self.temperature} must be > 0, projection_dim="
                                f"{self.projection_dim} >= 1 and seed={self.seed} >= 0")
@@ -154,17 +181,34 @@ def _contrastive_loss(cfg: PretrainConfig, gen: torch.Generator):
 
 
 def pretrain_config(overrides: dict | None) -> PretrainConfig:
-    """A ``PretrainConfig`` from a preset's ``zoo`` table: ``{"supervised": {...}, "sf": {...}, ...}``. Every
-    value is checked against its field's type (``benchmark.config.convert_fields``) and range."""
+    """A ``PretrainConfig`` from a preset's ``zoo`` table: ``{"supervised": {...}, "sf": {...}, ...}``, and
+    ``"supervised@<backbone>"`` / ``"sf@<backbone>"`` for one backbone's own recipe (fields on top of the
+    shared one). Every value is checked against its field's type (``benchmark.config.convert_fields``)
+    and range."""
     if overrides is not None and not isinstance(overrides, dict):
         raise UEBenchError(f"zoo must be a table, got {type(overrides).__name__} {overrides!r}")
     overrides = dict(overrides or {})
+    if "backbones" in overrides:
+        raise UEBenchError("zoo: give one backbone its own recipe as zoo[\"supervised@<backbone>\"] (or sf@...), "
+                           "not zoo.backbones")
     base = PretrainConfig()
     kwargs = {}
     for name in PRETRAINED_SOURCES:
         if name in overrides:
             fields = convert_fields(TrainConfig, overrides.pop(name), f"zoo.{name}")
             kwargs[name] = instantiate(functools.partial(replace, getattr(base, name)), fields, f"zoo.{name}")
+    own: dict[str, dict[str, TrainConfig]] = {}
+    for key in sorted(k for k in overrides if isinstance(k, str) and "@" in k):
+        name, _, backbone = key.partition("@")
+        if name not in PRETRAINED_SOURCES:
+            raise UEBenchError(f"zoo[{key!r}]: a per-backbone recipe is {' or '.join(PRETRAINED_SOURCES)}"
+                               f"@<backbone>, not {name!r}")
+        get_spec(backbone)  # an unknown name fails with the valid names
+        fields = convert_fields(TrainConfig, overrides.pop(key), f"zoo.{key}")
+        shared = kwargs.get(name, getattr(base, name))
+        own.setdefault(backbone, {})[name] = instantiate(functools.partial(replace, shared), fields, f"zoo.{key}")
+    if own:
+        kwargs["backbones"] = own
     if "augment" in overrides:
         fields = convert_fields(StrongAugment, overrides.pop("augment"), "zoo.augment")
         kwargs["augment"] = instantiate(functools.partial(replace, base.augment), fields, "zoo.augment")
@@ -177,6 +221,7 @@ def pretrain(backbone: str, source: str, pool: ImageSet, cfg: PretrainConfig, *,
     """Pretrain a backbone on ``pool`` (supervised or sf), from ``init`` weights if given; returns it
     with the pool's head."""
     check_choice("pretrain()", "source", source, PretrainedSource)
+    cfg = cfg.for_backbone(backbone)
     torch.manual_seed(cfg.seed)
     model = create_model(backbone, pool.num_classes, pool.image_shape[-1], pool.image_shape[0])
     if init is not None:
@@ -275,7 +320,7 @@ class Zoo:
 
     def key(self, backbone: str, source: str) -> str:
         return stable_hash({"backbone": get_spec(backbone).key(), "source": source, "pool": self.pool_key,
-                            "config": self.config.recipe({source}), "protocol_version": PROTOCOL_VERSION})
+                            "config": self.config.recipe({source}, {backbone}), "protocol_version": PROTOCOL_VERSION})
 
     def build(self, backbone: str, source: str) -> tuple[dict[str, torch.Tensor], bool]:
         """The pretrained state dict (from the cache when present); returns (state, was_cached). With

@@ -66,6 +66,9 @@ class SurrogateDefense(Defense):
     def zoo_sources(self) -> frozenset[str]:
         return frozenset({self.surrogate} - {"scratch"})  # scratch = random init, no zoo weights
 
+    def zoo_backbones(self, backbone: str | None) -> frozenset[str]:
+        return frozenset({self.surrogate_backbone})
+
 
 def check_positive(where: str, **values: float) -> None:
     for name, value in values.items():

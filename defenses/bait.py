@@ -226,6 +226,9 @@ class Bait(Defense):
     def zoo_sources(self) -> frozenset[str]:
         return frozenset({"supervised"} if self.pretrained_surrogate else ())
 
+    def zoo_backbones(self, backbone: str | None) -> frozenset[str]:
+        return frozenset({self.surrogate_backbone})
+
     def _perturb(self, train: ImageSet, ctx: Context) -> Protected:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(ctx.seed)

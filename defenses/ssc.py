@@ -217,6 +217,9 @@ class ShallowSemanticCamouflage(Defense):
     def zoo_sources(self) -> frozenset[str]:
         return frozenset({self.surrogate_weights})
 
+    def zoo_backbones(self, backbone: str | None) -> frozenset[str]:
+        return frozenset({self.surrogate_backbone})
+
     def _perturb(self, train: ImageSet, ctx: Context) -> Protected:
         start = time.perf_counter()
         with torch.random.fork_rng(devices=[]):

@@ -90,6 +90,20 @@ def test_a_zoo_recipe_change_reruns_only_the_cells_that_use_it():
         "a protected set made with a pretrained surrogate must depend on the supervised recipe"
 
 
+def test_a_per_backbone_zoo_recipe_reruns_only_the_cells_that_use_that_backbone():
+    base = dict(TINY, defenses=["clean", "tap", "tap:surrogate_backbone=vit_tiny"],
+                attacks=["scratch", "full_finetune"], backbones=["resnet_tiny", "vit_tiny"])
+    keys = {c.describe(): (c.key, c.protected_key()) for c in plan(preset_from_dict(dict(base)))}
+    own = {c.describe(): (c.key, c.protected_key())
+           for c in plan(preset_from_dict(dict(base, zoo={"supervised@vit_tiny": {"lr": 1e-3}})))}
+    cells = sorted(k for k in keys if keys[k][0] != own[k][0])
+    expected = sorted(k for k in keys if k.startswith("tap(surrogate_backbone=vit_tiny) /")
+                      or k.endswith("full_finetune / vit_tiny / seed 0"))
+    assert len(expected) == 6 and cells == expected, f"only cells with vit_tiny zoo weights may rerun, reran {cells}"
+    protected = sorted({k.split(" / ")[0] for k in keys if keys[k][1] != own[k][1]})
+    assert protected == ["tap(surrogate_backbone=vit_tiny)"], f"protected sets rebuilt: {protected}"
+
+
 def test_zoo_keys_follow_the_declared_sources_not_config_values():
     """An ``sf`` value in a config does not tie a cell to the sf recipe; a declared ``sf`` source does."""
     @dataclass(frozen=True)
