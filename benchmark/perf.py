@@ -32,12 +32,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
 from benchmark.errors import UEBenchError
 from benchmark.phases import PHASES
 from benchmark.presets import Preset
-from benchmark.training import TrainConfig, make_optimizer, train, uses_bf16
+from benchmark.training import TrainConfig, make_optimizer, train, train_step, uses_bf16
 
 log = logging.getLogger(__name__)
 IMAGES = 2048  # images per timed pass (16 batches of 128)
@@ -92,25 +91,31 @@ def raw_pass(backbone: str, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
              device: torch.device, init: dict) -> Callable[[], float]:
     """The same number of steps on one fixed float batch: no data handling at all."""
     def run() -> float:
-        model = _model(backbone)
-        model.load_state_dict(init)
-        model.to(device=device, memory_format=torch.channels_last).train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = make_optimizer(params, cfg)
+        model, params, opt = _fresh(backbone, init, cfg, device)
         x = images[: cfg.batch_size].to(device).float().div(255).contiguous(memory_format=torch.channels_last)
         y = labels[: cfg.batch_size].to(device)
         amp = uses_bf16(cfg.precision, device)
         start = time.perf_counter()
         for _ in range(0, len(images), cfg.batch_size):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                loss = F.cross_entropy(model(x).float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start
+            train_step(model, x, y, opt, params, amp=amp)
+        return _stop(start, device)
     return run
+
+
+def _fresh(backbone: str, init: dict, cfg: TrainConfig, device: torch.device) -> tuple[torch.nn.Module, list, Any]:
+    """The model from ``init`` on the device in training mode, its trainable parameters and optimizer."""
+    model = _model(backbone)
+    model.load_state_dict(init)
+    model.to(device=device, memory_format=torch.channels_last).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, params, make_optimizer(params, cfg)
+
+
+def _stop(start: float, device: torch.device) -> float:
+    """Seconds since ``start``, once the device has finished its queued work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
 
 
 class _PILSet(torch.utils.data.Dataset):
@@ -138,25 +143,14 @@ def classic_pass(backbone: str, images: torch.Tensor, labels: torch.Tensor, cfg:
     dataset = _PILSet(images, labels)
 
     def run() -> float:
-        model = _model(backbone)
-        model.load_state_dict(init)
-        model.to(device=device, memory_format=torch.channels_last).train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = make_optimizer(params, cfg)
+        model, params, opt = _fresh(backbone, init, cfg, device)
         amp = uses_bf16(cfg.precision, device)
         start = time.perf_counter()
         loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=2,
                                              generator=torch.Generator().manual_seed(0))
         for x, y in loader:
-            x, y = x.to(device).contiguous(memory_format=torch.channels_last), y.to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                loss = F.cross_entropy(model(x).float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start
+            train_step(model, x.to(device), y.to(device), opt, params, amp=amp)
+        return _stop(start, device)
     return run
 
 
@@ -241,6 +235,30 @@ def report(preset: Preset, device: torch.device, *, repeats: int = 3, grid: bool
     if grid:
         out["grid"] = measure_grid(preset, device, progress, keep)
     out["machine"]["load_average_1m_after"] = machine()["load_average_1m"]
+    out["targets"] = assess(out)
+    return out
+
+
+# The targets of the 2-core CPU machine the benchmark is developed on (README, "Performance").
+TARGETS = {"loop_vs_raw": (">=", 0.95), "loop_vs_classic": (">=", 1.2), "cold_wall_seconds": ("<=", 600.0),
+           "warm_wall_seconds": ("<=", 10.0), "peak_rss_mib": ("<=", 4096.0)}
+
+
+def assess(rep: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each target against its measured value (the worst over backbones and augmentation settings), met
+    or missed and by how much (``ratio`` = measured / target)."""
+    measured: dict[str, float] = {
+        "loop_vs_raw": min(v for r in rep["loop_vs_raw"].values() for v in r.values()),
+        "loop_vs_classic": min(rep["loop_vs_classic"].values())}
+    if "grid" in rep:
+        measured.update(cold_wall_seconds=rep["grid"]["cold"]["wall_seconds"],
+                        warm_wall_seconds=rep["grid"]["warm"]["wall_seconds"],
+                        peak_rss_mib=rep["grid"]["cold"]["peak_rss_mib"])
+    out = {}
+    for name, value in measured.items():
+        op, target = TARGETS[name]
+        out[name] = {"measured": value, "target": f"{op} {target:g}", "met": value >= target if op == ">=" else
+                     value <= target, "ratio": round(value / target, 3)}
     return out
 
 
@@ -261,6 +279,9 @@ def tables(rep: dict[str, Any]) -> str:
                  f"warm {warm['wall_seconds']:.1f} s\n\n")
         text += tabulate([[k, v] for k, v in cold["phases"].items()], headers=["phase (cold)", "seconds"],
                          floatfmt=".1f")
+    rows = [[k, v["measured"], v["target"], "met" if v["met"] else f"missed ({v['ratio']:g}x the target)"]
+            for k, v in rep["targets"].items()]
+    text += "\n\n" + tabulate(rows, headers=["target", "measured", "wanted", ""], disable_numparse=True)
     m = rep["machine"]
     text += (f"\n\nmachine: {m['cpus']} CPUs, {m['threads']} torch threads, {m['processor']}, device "
              f"{rep['device']}; load average {m['load_average_1m']} before, {m['load_average_1m_after']} after")

@@ -62,10 +62,7 @@ QUICK = Preset(
     attacks=("scratch", "linear_probe", "frozen_shallow", "full_finetune", "sf_pretrain"),
     backbones=("resnet_tiny", "mobilenet_tiny"),
     seeds=(0,),
-    # bf16 autocast for resnet_tiny (2.4x its float32 images/s on a CPU with AMX; same validation accuracy,
-    # docs/methods.md, "Victim protocol"); float32 for mobilenet_tiny, whose depthwise layers run slower in bf16
-    attack_protocol={"*": {"augment": "none", "batch_size": 128, "precision": "bf16"},
-                     "*@mobilenet_tiny": {"precision": "fp32"},
+    attack_protocol={"*": {"augment": "none", "batch_size": 128},
                      "scratch": {"epochs": 6, "optimizer": "adamw", "lr": 3e-3, "weight_decay": 0.05},
                      "scratch@mobilenet_tiny": {"epochs": 15},  # 6 epochs: 17.9 %, 15: 50.0 % (validation)
                      "linear_probe": {"epochs": 20, "optimizer": "adam", "lr": 0.01, "weight_decay": 0.0},
@@ -76,15 +73,13 @@ QUICK = Preset(
                         "augment": "crop_flip"},
          "sf": {"epochs": 3, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "warmup_epochs": 1,
                 "batch_size": 256, "augment": "none"},
-         "supervised@resnet_tiny": {"precision": "bf16"}, "sf@resnet_tiny": {"precision": "bf16"},
          # NT-Xent alone for 6 epochs gave features at chance on shapes (linear probe 10.2 %, validation)
          "sf_init": "supervised", "label_weight": 1.0},
     protocol_note="victims train without augmentation (deviates from the papers' crop+flip: the tiny CPU "
                   "networks cannot learn a shifted 8/255 pattern in a short run; docs/methods.md, 'Victim "
                   "protocol'). scratch: AdamW 3e-3, 6 epochs (15 for mobilenet_tiny); linear probe: Adam 0.01 "
                   "on frozen features, 20 epochs; frozen shallow, full fine-tune, SF-pretrain: SGD 0.05 (not 1e-3), 3 epochs; cosine, "
-                  "batch 128; resnet_tiny trains under bf16 autocast (its zoo pretraining too), mobilenet_tiny in "
-                  "float32. Zoo on 20k procedural glyphs: supervised AdamW 2e-3 with crop+flip, 6 epochs; SF = "
+                  "batch 128. Zoo on 20k procedural glyphs: supervised AdamW 2e-3 with crop+flip, 6 epochs; SF = "
                   "those weights, then 3 epochs of NT-Xent plus cross-entropy on strong views (pure SimCLR does "
                   "not learn in a CPU budget). Generators scaled down to fit a CPU (each checked by its "
                   "certificate): em and ssc stop at their stop error within 10 rounds; tap: 3-epoch surrogate, 15 "

@@ -127,7 +127,8 @@ def test_perf_command_writes_the_json_report(tmp_path, capsys):
     assert main(["perf", "--preset", str(preset), "--no-grid", "--images", "32", "--repeats", "1",
                  "--json", str(tmp_path / "perf.json"), "--no-progress"]) == 0
     rep = json.loads((tmp_path / "perf.json").read_text())
-    assert {"loop_vs_raw", "loop_vs_classic", "machine", "images_per_second"} <= set(rep)
+    assert {"loop_vs_raw", "loop_vs_classic", "machine", "images_per_second", "targets"} <= set(rep)
+    assert set(rep["targets"]) == {"loop_vs_raw", "loop_vs_classic"}  # no grid: no grid targets
     assert "loop/classic" in capsys.readouterr().out
     assert main(["perf", "--repeats", "0"]) == 2
 
@@ -143,3 +144,12 @@ def test_cuda_training_keeps_data_on_the_device_in_bf16(tiny_train):
     train(model, tiny_train.images, tiny_train.labels, TrainConfig(epochs=1, batch_size=20), device=torch.device("cuda"),
           seed=0)
     assert seen and all(s == ("cuda", True, True) for s in seen)
+
+
+def test_targets_say_met_or_missed_and_by_how_much():
+    rep = {"loop_vs_raw": {"a": {"none": 0.97, "crop_flip": 0.9}}, "loop_vs_classic": {"a": 2.4},
+           "grid": {"cold": {"wall_seconds": 1200.0, "peak_rss_mib": 2048.0}, "warm": {"wall_seconds": 4.0}}}
+    got = perf.assess(rep)
+    assert got["loop_vs_raw"] == {"measured": 0.9, "target": ">= 0.95", "met": False, "ratio": 0.947}
+    assert got["loop_vs_classic"]["met"] and got["warm_wall_seconds"]["met"] and got["peak_rss_mib"]["met"]
+    assert got["cold_wall_seconds"] == {"measured": 1200.0, "target": "<= 600", "met": False, "ratio": 2.0}
