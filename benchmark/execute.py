@@ -46,7 +46,9 @@ T = TypeVar("T")
 
 
 class Executor(Protocol):
-    """Runs cells and returns their records; it never writes the store (the driver does)."""
+    """Runs cells and returns their records; it never writes the store (the driver does). An executor
+    may also have ``prepare(cells)`` (load their data sets, so that a user's error is said before the
+    progress bar starts), ``cache`` (the plan log says what it holds) and ``progress``."""
 
     def run(self, cells: Iterable[Cell]) -> Iterator[CellRecord]:
         """One record per cell (ok or failed), yielded as each cell finishes, in any order. ``cells`` is
@@ -219,6 +221,12 @@ class LocalExecutor:
             peak_memory_mb=peak, error=error, config=cell.config(), metrics=metrics, environment=self._env,
             started_at=started, finished_at=time.time())
 
+    def prepare(self, cells: Sequence[Cell]) -> None:
+        """Load the data sets of these cells: a missing or unknown one is the user's error, said before
+        the progress bar starts and before any cell is claimed."""
+        for cfg in {stable_hash(c.dataset.key()): c.dataset for c in cells}.values():
+            self.splits(cfg)
+
     def run(self, cells: Iterable[Cell]) -> Iterator[CellRecord]:
         for cell in cells:  # lazily: the driver claims each cell as it is taken
             self.splits(cell.dataset)  # a missing or unknown data set is the user's error, not a failed cell
@@ -297,6 +305,8 @@ def run_grid(cells: Sequence[Cell], out_dir: str | Path, executor: Executor, *, 
         for line in describe_plan(cells, todo, cache, estimate).splitlines():
             log.info("%s", line)
         ran: list[CellRecord] = []
+        if todo and hasattr(executor, "prepare"):
+            executor.prepare(todo)
         bar = CostBar(estimate, bool(todo) and (getattr(executor, "progress", False) if progress is None else progress))
         with LeaseKeeper(store.path, seconds=lease_seconds) as keeper, closing(bar):
             claims = Claims(todo, store, keeper.owner, since=since, poll=poll, lease_seconds=lease_seconds)

@@ -27,7 +27,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -119,6 +119,10 @@ class RayExecutor:
         if self.device.type == "cuda":
             return max(1, int(resources["GPU"]))
         return max(1, int(resources.get("CPU", 1) // self.cpus_per_cell))
+
+    def prepare(self, cells: Sequence[Cell]) -> None:
+        """The driver loads each data set once: a bad one is the user's error, before Ray starts."""
+        self._driver.prepare(cells)
 
     def run(self, cells: Iterable[Cell]) -> Iterator[CellRecord]:
         stream = iter(cells)
