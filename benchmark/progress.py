@@ -2,9 +2,10 @@
 
 A cell's expected seconds come from the store: the median wall time of finished cells of the same
 attack, backbone and data set (any defense), plus the defense's measured generation time when its
-protected set is not cached yet. Cells with no such history get a proxy (their attack's epochs over
-the median seconds per epoch of everything measured, or one second per epoch on a new store), so the
-ETA starts rough on a new store and sharpens as cells finish.
+protected set is not cached yet. Cells with no such history get a proxy: their attack's epochs times
+the median seconds per epoch of everything measured, or on a new store times the training images over
+``NEW_STORE_RATE`` images/s (a small CPU network's rate), so the ETA starts rough on a new store and
+sharpens as cells finish.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from tqdm.auto import tqdm
 
 from benchmark.cache import Cache
 from benchmark.plan import Cell
+
+
+NEW_STORE_RATE = 500.0  # images/s assumed before anything was measured
 
 
 def _epochs(cell: Cell) -> float:
@@ -44,10 +48,13 @@ class CostModel:
                 per_epoch.append(fit / float(epochs))
         self.fit = {k: statistics.median(v) for k, v in fits.items()}
         self.generation = {k: statistics.median(v) for k, v in generation.items()}
-        self.per_epoch = statistics.median(per_epoch) if per_epoch else 1.0
+        self.per_epoch = statistics.median(per_epoch) if per_epoch else None
 
     def seconds(self, cell: Cell, protected_cached: bool) -> float:
-        fit = self.fit.get((cell.attack.label, cell.backbone, cell.dataset.name), self.per_epoch * _epochs(cell))
+        per_epoch = self.per_epoch
+        if per_epoch is None:  # a new store
+            per_epoch = (cell.dataset.train_size or 50_000) / NEW_STORE_RATE
+        fit = self.fit.get((cell.attack.label, cell.backbone, cell.dataset.name), per_epoch * _epochs(cell))
         made = 0.0 if protected_cached else self.generation.get((cell.defense.label, cell.dataset.name), 0.0)
         return max(fit + made, 0.1)
 

@@ -73,6 +73,13 @@ def test_the_cost_model_uses_history_per_attack_and_backbone():
     assert model.fit[("scratch", "resnet_tiny", "shapes")] == 60.0  # median of 60, 60, 62
     assert model.generation[("em", "shapes")] == 40.0
     assert model.per_epoch == 10.0
+    assert CostModel([]).per_epoch is None  # a new store: the proxy is images over an assumed rate
+
+
+def test_a_new_store_estimates_from_the_training_size():
+    cell = next(c for c in plan(preset_from_dict(dict(TINY))) if c.attack.name == "scratch")
+    epochs, size = cell.attack.plugin.epochs, cell.dataset.train_size
+    assert CostModel([]).seconds(cell, protected_cached=True) == pytest.approx(epochs * size / 500.0)
 
 
 def test_the_plan_is_described_and_the_estimate_counts_each_protected_set_once(tmp_path):
