@@ -210,7 +210,13 @@ def composed_start(registry: Registry, cls: type, fields: dict[str, str], protoc
 
 
 def _show(value: Any) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
+    """A field value as a label shows it: ``8/255`` for a pixel step or radius given that way, else ``%g``."""
+    if not isinstance(value, float):
+        return str(value)
+    k = round(value * 255)
+    if 0 < value < 1 and float(f"{value:.4g}") != value and math.isclose(value, k / 255, rel_tol=1e-9):
+        return f"{k}/255"
+    return f"{value:g}"
 
 
 def stable_hash(obj: Any, length: int = 16) -> str:

@@ -97,9 +97,10 @@ QUICK_CM = dataclasses.replace(
     QUICK,
     name="quick-cm",
     description="the quick grid against countermeasures (shapes 10k / 2k, resnet_tiny, 1 seed): a CPU run",
-    attacks=("adv_training:steps=2,step_size=4/255", "iss_jpeg", "iss_gray", "ueraser:repeat_epochs=0", "mixup",
-             "cutmix", "cutout", "ortho_projection",
-             "iss_jpeg:base=full_finetune", "iss_gray:base=full_finetune",
+    # each base paradigm itself first: the first column of its countermeasure table
+    attacks=("scratch", "adv_training:steps=2,step_size=4/255", "iss_jpeg", "iss_gray", "ueraser:repeat_epochs=0",
+             "mixup", "cutmix", "cutout", "ortho_projection",
+             "full_finetune", "iss_jpeg:base=full_finetune", "iss_gray:base=full_finetune",
              "ueraser:base=full_finetune,repeat_epochs=0", "ortho_projection:base=full_finetune"),
     backbones=("resnet_tiny",),
     protocol_note=QUICK.protocol_note + ". Countermeasures train with their base paradigm's quick protocol; two "

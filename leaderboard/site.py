@@ -17,8 +17,8 @@ from typing import Any, Iterable, Mapping
 from benchmark import __version__
 from leaderboard.scores import Leaderboard, budget_text
 from leaderboard.tables import (CERTIFICATE_FAILED_NOTE, NOISE_NOTE, SURROGATE_NOTE, acc_text, backbones,
-                               board_seeds, certificate_failed, certificate_text, matrix_frame, spread_text,
-                               surrogate_text)
+                               board_seeds, certificate_failed, certificate_text, countermeasure_columns,
+                               matrix_frame, spread_text, surrogate_text)
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
 
@@ -120,8 +120,9 @@ def certificate_cell(s: Any) -> str:
     return td(inner, text, raw=True)
 
 
-def matrix_table(board: Leaderboard, group: str, backbone: str) -> str:
-    m = matrix_frame(board, backbone)
+def matrix_table(board: Leaderboard, ident: str, backbone: str, attacks: list[str] | None = None) -> str:
+    """Defense x attack (default: every attack of the backbone's grid), sortable by the accuracy itself."""
+    m = matrix_frame(board, backbone, attacks=attacks)
     agg = board.aggregated[board.aggregated["backbone"] == backbone].set_index(["defense", "attack"])
     rows = []
     for r in m.itertuples(index=False):
@@ -130,7 +131,7 @@ def matrix_table(board: Leaderboard, group: str, backbone: str) -> str:
             value = agg["accuracy_mean"].get((r[0], attack), float("nan"))
             cells.append(td(text, _num(value), "num"))
         rows.append(f"<tr>{''.join(cells)}</tr>")
-    return table(m.columns, rows, f"cells-{group}-{backbone}")
+    return table(m.columns, rows, ident)
 
 
 def image(path: Path) -> str:
@@ -152,7 +153,12 @@ def section(board: Leaderboard, group: str, images: Iterable[Path]) -> str:
     parts.append(ranking_table(board, group))
     for bb in backbones(board):
         parts.append(f"<h3>{esc(bb)}: clean test accuracy (%), {esc(spread_text(seeds))}</h3>"
-                     f"{matrix_table(board, group, bb)}")
+                     f"{matrix_table(board, f'cells-{group}-{bb}', bb)}")
+    for bb in backbones(board):
+        for base, columns in countermeasure_columns(board, bb).items():
+            parts.append(f"<h3>{esc(bb)}: countermeasures on {esc(base)}, clean test accuracy (%), "
+                         f"{esc(spread_text(seeds))}</h3>"
+                         f"{matrix_table(board, f'countermeasures-{group}-{bb}-{base}', bb, columns)}")
     parts += [image(p) for p in images if Path(p).suffix == ".png"]
     parts.append("</section>")
     return "\n".join(parts)

@@ -153,16 +153,20 @@ def attack_bases(board: Leaderboard) -> dict[str, str]:
     return out
 
 
-def countermeasure_frames(board: Leaderboard, backbone: str, pm: str = " ± ") -> dict[str, pd.DataFrame]:
-    """Per base paradigm: defense x (the base itself, when in the grid, then each countermeasure on it)."""
+def countermeasure_columns(board: Leaderboard, backbone: str) -> dict[str, list[str]]:
+    """Per base paradigm: its attack columns, the base itself (when in the grid) then each countermeasure on it."""
     bases = attack_bases(board)
     attacks = list(dict.fromkeys(board.grid[board.grid["backbone"] == backbone]["attack"]))
     names = dict(zip(board.aggregated["attack"], board.aggregated["attack_name"]))
-    out = {}
-    for base in dict.fromkeys(bases[a] for a in attacks if a in bases):
-        plain = [a for a in attacks if a not in bases and names.get(a) == base]
-        out[base] = matrix_frame(board, backbone, pm, plain + [a for a in attacks if bases.get(a) == base])
-    return out
+    return {base: [a for a in attacks if a not in bases and names.get(a) == base]
+            + [a for a in attacks if bases.get(a) == base]
+            for base in dict.fromkeys(bases[a] for a in attacks if a in bases)}
+
+
+def countermeasure_frames(board: Leaderboard, backbone: str, pm: str = " ± ") -> dict[str, pd.DataFrame]:
+    """Per base paradigm: defense x (the base itself, when in the grid, then each countermeasure on it)."""
+    return {base: matrix_frame(board, backbone, pm, columns)
+            for base, columns in countermeasure_columns(board, backbone).items()}
 
 
 def markdown(df: pd.DataFrame) -> str:

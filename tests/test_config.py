@@ -22,7 +22,10 @@ def test_values_are_converted_and_fractions_accepted():
     c = configure(DEFENSES, "random_noise:eps=4/255,mode=class")
     assert abs(c.plugin.eps - 4 / 255) < 1e-12, c.plugin
     assert c.plugin.mode == "class"
-    assert c.label == "random_noise(eps=0.0156863,mode=class)", c.label
+    assert c.label == "random_noise(eps=4/255,mode=class)", c.label
+    for given, shown in (("0.2", "0.2"), ("0.5", "0.5"), ("0.0157", "0.0157"), ("1/7", "0.142857")):
+        label = configure(DEFENSES, f"random_noise:eps={given}").label
+        assert label == f"random_noise(eps={shown})", (given, label)
 
 
 def test_bad_values_name_the_field():

@@ -23,6 +23,7 @@ from benchmark.report import results_frame
 from benchmark.store import Store
 from benchmark.training import to_float
 from leaderboard.build import cells_board
+from leaderboard.site import render
 from leaderboard.tables import countermeasure_frames, group_markdown
 
 FAST = {"epochs": 1, "batch_size": 16, "augment": "none"}
@@ -227,6 +228,9 @@ def test_the_runner_matches_each_countermeasure_to_its_clean_reference(tmp_path)
                                                      "cutout(base=full_finetune)"], list(frames["full_finetune"])
     text = group_markdown(board)
     assert "countermeasures on full_finetune" in text and "iss_gray(base=full_finetune)" in text, text
+    page = render(board)
+    assert 'id="countermeasures-cm-tiny-resnet_tiny-full_finetune"' in page, "the site has no per-base table"
+    assert "countermeasures on full_finetune" in page and "cutout(base=full_finetune)" in page
     worst = board.scores.set_index("defense").loc["random_noise(mode=class)"]
     accs = df[df["defense"] == "random_noise(mode=class)"]["accuracy"]
     assert worst["worst_accuracy"] == pytest.approx(accs.max()) and worst["cells_expected"] == 4, \

@@ -72,7 +72,7 @@ def test_changed_field_recomputes_only_that_cell(tmp_path):
     _run(tmp_path, plan(preset_from_dict(dict(TINY))), executor)
     changed = dict(TINY, defenses=["clean", "random_noise:eps=4/255"])
     summary = _run(tmp_path, plan(preset_from_dict(changed)), executor)
-    assert [r.defense for r in summary.ran] == ["random_noise(eps=0.0156863)"], [r.defense for r in summary.ran]
+    assert [r.defense for r in summary.ran] == ["random_noise(eps=4/255)"], [r.defense for r in summary.ran]
 
 
 def test_a_zoo_recipe_change_reruns_only_the_cells_that_use_it():
