@@ -18,7 +18,7 @@ from benchmark import __version__
 from leaderboard.scores import Leaderboard, budget_text
 from leaderboard.tables import (CERTIFICATE_FAILED_NOTE, NOISE_NOTE, SURROGATE_NOTE, acc_text, backbones,
                                board_seeds, certificate_failed, certificate_text, countermeasure_columns,
-                               matrix_frame, spread_text, surrogate_text)
+                               matrix_frame, spread_text, surrogate_text, uninformative_note)
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
 
@@ -134,6 +134,14 @@ def matrix_table(board: Leaderboard, ident: str, backbone: str, attacks: list[st
     return table(m.columns, rows, ident)
 
 
+def note_paragraph(board: Leaderboard, backbone: str, attacks: list[str] | None) -> str:
+    """The table's uninformative columns (``tables.uninformative_note``), or ''."""
+    if attacks is None:
+        attacks = list(dict.fromkeys(board.grid[board.grid["backbone"] == backbone]["attack"]))
+    note = uninformative_note(board, backbone, attacks)
+    return f'<p class="small flag">{esc(note)}</p>' if note else ""
+
+
 def image(path: Path) -> str:
     data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
     return f'<figure><img alt="{esc(Path(path).stem)}" src="data:image/png;base64,{data}"></figure>'
@@ -154,11 +162,13 @@ def section(board: Leaderboard, group: str, images: Iterable[Path]) -> str:
     for bb in backbones(board):
         parts.append(f"<h3>{esc(bb)}: clean test accuracy (%), {esc(spread_text(seeds))}</h3>"
                      f"{matrix_table(board, f'cells-{group}-{bb}', bb)}")
+        parts.append(note_paragraph(board, bb, None))
     for bb in backbones(board):
         for base, columns in countermeasure_columns(board, bb).items():
             parts.append(f"<h3>{esc(bb)}: countermeasures on {esc(base)}, clean test accuracy (%), "
                          f"{esc(spread_text(seeds))}</h3>"
                          f"{matrix_table(board, f'countermeasures-{group}-{bb}-{base}', bb, columns)}")
+            parts.append(note_paragraph(board, bb, columns))
     parts += [image(p) for p in images if Path(p).suffix == ".png"]
     parts.append("</section>")
     return "\n".join(parts)

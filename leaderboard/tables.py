@@ -2,7 +2,8 @@
 
 Per group (preset + data set): the ranking (worst-case accuracy, lower is better) and, per backbone,
 the defense x attack matrix of seed-averaged clean test accuracy; when the grid has countermeasures,
-one more matrix per base paradigm: the base itself and each countermeasure on it. With several seeds
+one more matrix per base paradigm: the base itself and each countermeasure on it. A table names its
+uninformative columns: attacks whose clean reference is below twice chance. With several seeds
 every number is mean ± std over seeds (sample std, ddof=1) and a defense within noise of the one above
 it shares its rank (``leaderboard.scores``); with one seed the tables say "1 seed: no spread". The
 ranking shows each defense's certificate (``pass``, ``FAILED`` or ``-`` for none) and its surrogate's
@@ -19,7 +20,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from attacks import ATTACKS
-from leaderboard.scores import Leaderboard, budget_text, group_dir
+from leaderboard.scores import REFERENCE, Leaderboard, budget_text, group_dir
 
 LATEX_SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                   "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
@@ -153,6 +154,25 @@ def attack_bases(board: Leaderboard) -> dict[str, str]:
     return out
 
 
+def uninformative_columns(board: Leaderboard, backbone: str, attacks: list[str]) -> dict[str, float]:
+    """Attack -> its clean reference, for the attacks whose clean reference is below twice chance: the victim
+    does not learn even clean data under them in this protocol, so their column says nothing of the defenses."""
+    agg = board.aggregated[(board.aggregated["backbone"] == backbone) & (board.aggregated["defense"] == REFERENCE)]
+    clean = agg.set_index("attack")
+    return {a: float(clean.at[a, "accuracy_mean"]) for a in attacks
+            if a in clean.index and clean.at[a, "accuracy_mean"] < 2 * clean.at[a, "chance"]}
+
+
+def uninformative_note(board: Leaderboard, backbone: str, attacks: list[str]) -> str:
+    """One sentence naming the uninformative columns of a table (``uninformative_columns``), or ''."""
+    found = uninformative_columns(board, backbone, attacks)
+    if not found:
+        return ""
+    listed = ", ".join(f"{a} ({v:.1f} %)" for a, v in found.items())
+    return (f"Uninformative here: {listed}. Their clean reference is below twice chance: the victim does not "
+            "learn clean data under them in this protocol, so a low accuracy there is no protection.")
+
+
 def countermeasure_columns(board: Leaderboard, backbone: str) -> dict[str, list[str]]:
     """Per base paradigm: its attack columns, the base itself (when in the grid) then each countermeasure on it."""
     bases = attack_bases(board)
@@ -213,11 +233,16 @@ def group_markdown(board: Leaderboard) -> str:
               f"ranked. {SURROGATE_NOTE}", "",
               markdown(ranking_frame(board)), ""]
     for bb in backbones(board):
-        lines += [f"### {bb}: clean test accuracy (%), {spread_text(seeds)}", "", markdown(matrix_frame(board, bb)), ""]
+        frame = matrix_frame(board, bb)
+        note = uninformative_note(board, bb, list(frame.columns[1:]))
+        lines += [f"### {bb}: clean test accuracy (%), {spread_text(seeds)}", "", markdown(frame), ""]
+        lines += [note, ""] if note else []
     for bb in backbones(board):
         for base, frame in countermeasure_frames(board, bb).items():
+            note = uninformative_note(board, bb, list(frame.columns[1:]))
             lines += [f"### {bb}: countermeasures on {base}, clean test accuracy (%), {spread_text(seeds)}", "",
                       markdown(frame), ""]
+            lines += [note, ""] if note else []
     return "\n".join(lines)
 
 

@@ -22,7 +22,8 @@ from leaderboard.entries import ENTRIES_DIR, load_entries, make_entries, read_en
 from leaderboard.plots import write_plots
 from leaderboard.scores import cells_from_store, protection, score
 from leaderboard.site import render
-from leaderboard.tables import group_markdown, latex, markdown, ranking_frame, scores_csv, write_tables
+from leaderboard.tables import (group_markdown, latex, markdown, ranking_frame, scores_csv, uninformative_columns,
+                               write_tables)
 
 ATTACK_CONFIGS = {"scratch": {"name": "scratch"}, "linear_probe": {"name": "linear_probe"},
                   "frozen_shallow": {"name": "frozen_shallow", "k": 1},
@@ -99,6 +100,19 @@ def test_worst_case_mean_and_rank(tmp_path):
     assert clean["reference"] and math.isnan(clean["rank"]), "clean must be shown as a reference, not ranked"
     assert list(board.ranked()["defense"]) == ["random_noise(mode=class)", "random_noise", "clean"], \
         "display order must be ranked defenses, then the reference"
+
+
+def test_a_column_whose_clean_reference_is_below_twice_chance_is_named_uninformative(tmp_path):
+    rows = dict(GRID)
+    rows[("clean", "linear_probe", "b1")] = 19.5  # 10 classes: chance 10 %, twice chance 20 %
+    rows[("clean", "scratch", "b1")] = 20.0
+    board = board_of(make_store(tmp_path, rows))
+    assert uninformative_columns(board, "b1", ["scratch", "linear_probe"]) == {"linear_probe": 19.5}
+    text = group_markdown(board)
+    assert "Uninformative here: linear_probe (19.5 %)" in text and "scratch (" not in text, text
+    assert "Uninformative here: linear_probe (19.5 %)" in render(board)
+    assert "Uninformative" not in group_markdown(board_of(make_store(tmp_path / "fine"))), \
+        "a grid whose clean references are all far above chance has no such note"
 
 
 def test_mean_breaks_ties(tmp_path):
