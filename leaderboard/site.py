@@ -121,7 +121,8 @@ def certificate_cell(s: Any) -> str:
 
 
 def matrix_table(board: Leaderboard, ident: str, backbone: str, attacks: list[str] | None = None) -> str:
-    """Defense x attack (default: every attack of the backbone's grid), sortable by the accuracy itself."""
+    """Defense x attack (default: every attack of the backbone's grid), sortable by the accuracy itself,
+    followed by the note naming its uninformative columns (``tables.uninformative_note``), if any."""
     m = matrix_frame(board, backbone, attacks=attacks)
     agg = board.aggregated[board.aggregated["backbone"] == backbone].set_index(["defense", "attack"])
     rows = []
@@ -131,15 +132,8 @@ def matrix_table(board: Leaderboard, ident: str, backbone: str, attacks: list[st
             value = agg["accuracy_mean"].get((r[0], attack), float("nan"))
             cells.append(td(text, _num(value), "num"))
         rows.append(f"<tr>{''.join(cells)}</tr>")
-    return table(m.columns, rows, ident)
-
-
-def note_paragraph(board: Leaderboard, backbone: str, attacks: list[str] | None) -> str:
-    """The table's uninformative columns (``tables.uninformative_note``), or ''."""
-    if attacks is None:
-        attacks = list(dict.fromkeys(board.grid[board.grid["backbone"] == backbone]["attack"]))
-    note = uninformative_note(board, backbone, attacks)
-    return f'<p class="small flag">{esc(note)}</p>' if note else ""
+    note = uninformative_note(board, backbone, list(m.columns[1:]))
+    return table(m.columns, rows, ident) + (f'<p class="small flag">{esc(note)}</p>' if note else "")
 
 
 def image(path: Path) -> str:
@@ -162,13 +156,11 @@ def section(board: Leaderboard, group: str, images: Iterable[Path]) -> str:
     for bb in backbones(board):
         parts.append(f"<h3>{esc(bb)}: clean test accuracy (%), {esc(spread_text(seeds))}</h3>"
                      f"{matrix_table(board, f'cells-{group}-{bb}', bb)}")
-        parts.append(note_paragraph(board, bb, None))
     for bb in backbones(board):
         for base, columns in countermeasure_columns(board, bb).items():
             parts.append(f"<h3>{esc(bb)}: countermeasures on {esc(base)}, clean test accuracy (%), "
                          f"{esc(spread_text(seeds))}</h3>"
                          f"{matrix_table(board, f'countermeasures-{group}-{bb}-{base}', bb, columns)}")
-            parts.append(note_paragraph(board, bb, columns))
     parts += [image(p) for p in images if Path(p).suffix == ".png"]
     parts.append("</section>")
     return "\n".join(parts)
