@@ -1,7 +1,7 @@
 """Execution: an ``Executor`` turns planned cells into ``CellRecord``s; the driver writes them.
 
 ``Executor`` is the seam: ``LocalExecutor`` runs cells one at a time (in a child under a time limit); another
-executor (e.g. one task per cell on a cluster) is a new class with the same ``run``. Executors never
+executor (e.g. one task per cell on a cluster) is a subclass with its own ``run``. Executors never
 touch the store: ``run_grid``, the driver, hands the executor a lazy stream of cells, each claimed
 (leased in the store) just before it runs, so runners sharing a results directory never compute a
 cell twice; it writes each record as it arrives (one transaction per cell, so a killed run resumes),
@@ -20,7 +20,7 @@ import traceback
 from contextlib import closing
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import torch
 
@@ -45,15 +45,22 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class Executor(Protocol):
-    """Runs cells and returns their records; it never writes the store (the driver does). An executor
-    may also have ``prepare(cells)`` (load their data sets, so that a user's error is said before the
-    progress bar starts), ``cache`` (the plan log says what it holds) and ``progress``."""
+class Executor:
+    """Runs cells and returns their records; it never writes the store (the driver does). A subclass
+    implements ``run``, and may set ``cache`` (the plan log then says what it holds) and ``progress``
+    (the driver's bar is shown), and override ``prepare``."""
+
+    cache: Cache | None = None
+    progress: bool = False
+
+    def prepare(self, cells: Sequence[Cell]) -> None:
+        """Called with the cells to run before the progress bar starts and any cell is claimed: load
+        what they need here, so that a user's error (a missing data set) is said first."""
 
     def run(self, cells: Iterable[Cell]) -> Iterator[CellRecord]:
         """One record per cell (ok or failed), yielded as each cell finishes, in any order. ``cells`` is
         consumed lazily: the driver claims each cell as the executor takes it."""
-        ...
+        raise NotImplementedError
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -75,7 +82,7 @@ def cell_metadata(cell: Cell) -> dict[str, Any]:
             "preset": cell.preset_info.to_dict(), "surrogate_threat_model": cell.surrogate_threat_model}
 
 
-class LocalExecutor:
+class LocalExecutor(Executor):
     """Runs cells one at a time; data sets and protected sets are built once, plugins get copies.
 
     With ``cell_timeout`` (seconds) each cell runs in a forked child (``benchmark.child``) and fails
@@ -300,14 +307,13 @@ def run_grid(cells: Sequence[Cell], out_dir: str | Path, executor: Executor, *, 
         done = store.finished_keys()
         todo = [c for c in cells if c.key not in done]
         todo.sort(key=lambda c: (c.seed, c.defense.label != "clean"))  # stable: grouped by defense
-        cache = getattr(executor, "cache", None)  # an executor with a local cache says what it holds
-        estimate = expected_seconds(todo, store.rows(), cache)
-        for line in describe_plan(cells, todo, cache, estimate).splitlines():
+        estimate = expected_seconds(todo, store.rows(), executor.cache)
+        for line in describe_plan(cells, todo, executor.cache, estimate).splitlines():
             log.info("%s", line)
         ran: list[CellRecord] = []
-        if todo and hasattr(executor, "prepare"):
+        if todo:
             executor.prepare(todo)
-        bar = CostBar(estimate, bool(todo) and (getattr(executor, "progress", False) if progress is None else progress))
+        bar = CostBar(estimate, bool(todo) and (executor.progress if progress is None else progress))
         with LeaseKeeper(store.path, seconds=lease_seconds) as keeper, closing(bar):
             claims = Claims(todo, store, keeper.owner, since=since, poll=poll, lease_seconds=lease_seconds)
             for rec in executor.run(claims):

@@ -34,7 +34,7 @@ import torch
 from benchmark.cache import Cache
 from benchmark.child import check_timeout
 from benchmark.errors import UEBenchError
-from benchmark.execute import LocalExecutor
+from benchmark.execute import Executor, LocalExecutor
 from benchmark.plan import Cell
 from benchmark.store import CellRecord
 
@@ -64,7 +64,7 @@ def run_cell_task(cell: Cell, cache_dir: str, device_type: str, cell_timeout: fl
     return _RUNNER[key].run_cell(cell)
 
 
-class RayExecutor:
+class RayExecutor(Executor):
     """Runs each cell as a Ray task; see the module docstring.
 
     ``address``: a running cluster (``ray.init(address=...)``, disconnected at the end); else a local instance

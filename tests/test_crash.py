@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from benchmark.cache import load_verified
-from benchmark.execute import LocalExecutor, run_grid
+from benchmark.execute import Executor, LocalExecutor, run_grid
 from benchmark.plan import Cell, plan
 from benchmark.presets import load_preset, preset_from_dict
 from benchmark.store import CellRecord, Claim, LeaseKeeper, Store
@@ -314,7 +314,7 @@ def test_a_lease_is_taken_over_only_when_its_owner_is_gone(tmp_path):
         assert "k" not in store.leases(), "a runner that stops must drop its leases"
 
 
-class Recording:
+class Recording(Executor):
     """An executor that checks each cell is leased (and no later one) when it receives it."""
 
     def __init__(self, store_path: Path, on_cell=None) -> None:
