@@ -1,7 +1,9 @@
 """Building a leaderboard: a results store (or planned cells) -> ``Leaderboard`` -> published files.
 
 ``cells_board`` is the one path from planned cells to their board; ``run`` (``publish_run``),
-``submit`` and ``reproduce`` all call it. ``publish`` writes entries, tables, plots and the site.
+``submit`` and ``reproduce`` all call it. ``publish`` writes entries, tables, plots and the site;
+``with_published_cells`` adds an entry's planned cells that a store lacks, so a grid run in parts
+is published whole.
 Everything shown comes from the store (metadata recorded with each cell) or the committed entries;
 the built-in presets are consulted only for records written before cells carried their preset's
 description, and to name a group after its preset's own data set.
@@ -13,7 +15,7 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Collection, Mapping, Sequence
 
 import pandas as pd
 
@@ -21,9 +23,10 @@ from benchmark.errors import UEBenchError
 from benchmark.plan import Cell, PresetInfo
 from benchmark.presets import PRESETS, Preset
 from benchmark.store import Store
-from leaderboard.entries import ENTRIES_DIR, store_metadata, write_entries
+from leaderboard.entries import ENTRIES_DIR, entry_files, load_entries, store_metadata, write_entries
 from leaderboard.plots import write_plots
-from leaderboard.scores import CELL_KEYS, Leaderboard, cells_from_store, group_names, score
+from leaderboard.scores import (CELL_KEYS, Leaderboard, attach_clean_reference, cells_from_store, group_names,
+                                score)
 from leaderboard.site import write_site
 from leaderboard.tables import group_markdown, markdown, ranking_frame, write_tables
 
@@ -87,9 +90,37 @@ def recorded_presets(cells: pd.DataFrame) -> dict[str, dict]:
     return out
 
 
+def with_published_cells(cells: pd.DataFrame, entries_dir: str | Path, planned: Collection[str]) -> pd.DataFrame:
+    """``cells`` (from a store) plus the cells of the entries under ``entries_dir`` that the store lacks,
+    for the groups of ``cells``: only cells whose key is in ``planned``, that is the very computation the
+    plan asks for (the key hashes every resolved config), so an entry's cells of an older configuration
+    are dropped. A store's cell wins over an entry's of the same key. This lets a grid be run in parts
+    (other sessions, other machines) without a publish erasing the cells of an earlier part."""
+    groups = sorted(set(cells["group"]))
+    if not groups or not entry_files(entries_dir, groups):
+        return cells
+    published = load_entries(entries_dir, groups).cells
+    planned = set(planned)
+    keep = published[published["key"].isin(planned) & ~published["key"].isin(set(cells["key"]))]
+    stale = published[~published["key"].isin(planned)]
+    if len(stale):
+        log.warning("%d published cells of %s are not in the plan (another configuration); they are dropped",
+                    len(stale), ", ".join(sorted(set(stale["defense"]))))
+    if keep.empty:
+        return cells
+    log.info("keeping %d published cells the store does not hold (%s)", len(keep),
+             ", ".join(sorted(set(keep["defense"]))))
+    merged = pd.concat([cells, keep], ignore_index=True)
+    return attach_clean_reference(merged)
+
+
 def board_from_store(results_dir: str | Path, *, keys: Sequence[str] | None = None, preset: str | None = None,
                      grid: pd.DataFrame | None = None, presets: dict[str, dict] | None = None,
-                     metadata_fallback: str | Path | None = ENTRIES_DIR) -> Leaderboard:
+                     metadata_fallback: str | Path | None = ENTRIES_DIR,
+                     published: tuple[str | Path, Collection[str]] | None = None) -> Leaderboard:
+    """The board of a store's cells (only ``keys``, only ``preset``, only ``grid``'s coordinates when given);
+    ``published`` = (entries folder, planned keys) adds the planned cells of those entries that the store
+    lacks (``with_published_cells``)."""
     path = Path(results_dir) / "results.sqlite"
     if not path.is_file():
         raise UEBenchError(f"no results store at {path}; run 'run_benchmark.py run --out {results_dir}' first")
@@ -100,6 +131,8 @@ def board_from_store(results_dir: str | Path, *, keys: Sequence[str] | None = No
     if grid is not None and not cells.empty:  # extra cells in the store (other seeds, controls) are not the grid's
         planned = grid[["group", *CELL_KEYS]].drop_duplicates()
         cells = cells.merge(planned, on=["group", *CELL_KEYS], how="inner")
+    if published is not None and not cells.empty:
+        cells = with_published_cells(cells, *published)
     if cells.empty:
         raise UEBenchError(f"the store {path} holds no cells" + (f" of preset {preset!r}" if preset else ""))
     presets = presets if presets is not None else recorded_presets(cells)
@@ -120,13 +153,13 @@ def publish_run(out_dir: str | Path, cells: Sequence[Cell]) -> Published:
     return publish(cells_board(out_dir, cells), target, [target / "entries"])
 
 
-def preset_grid(name: str) -> pd.DataFrame | None:
-    """The plan of a preset, when it can be planned (its plugins are registered)."""
+def preset_plan(name: str) -> list[Cell] | None:
+    """The planned cells of a preset, when it can be planned (its plugins are registered)."""
     from benchmark.plan import plan
     from benchmark.presets import load_preset
 
     try:
-        return plan_grid(plan(load_preset(name)))
+        return plan(load_preset(name))
     except UEBenchError as exc:
         log.warning("cannot plan preset %r (%s); the expected grid is what the store holds", name, exc)
         return None

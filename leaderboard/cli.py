@@ -8,24 +8,34 @@ and ``leaderboard.figures``.
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 from typing import Any
 
 from benchmark.child import check_timeout
 from benchmark.errors import UEBenchError
 from benchmark.presets import Preset
-from leaderboard.build import board_from_store, preset_grid, publish, update_readme
+from leaderboard.build import board_from_store, plan_grid, preset_plan, publish, update_readme
 from leaderboard.entries import ENTRIES_DIR, load_entries
 from leaderboard.figures import FIGURES, reproduce
 from leaderboard.submit import submit
+
+log = logging.getLogger(__name__)
 
 COMMANDS = ("leaderboard", "submit", "reproduce")
 
 
 def leaderboard_command(args: argparse.Namespace) -> int:
     if args.results:
-        grid = preset_grid(args.preset) if args.preset else None
-        board = board_from_store(args.results, preset=args.preset, grid=grid, metadata_fallback=args.entries)
+        cells = preset_plan(args.preset) if args.preset else None
+        grid = plan_grid(cells) if cells is not None else None
+        # publishing keeps the entries' planned cells the store lacks (a grid run in parts); that needs the plan
+        published = (args.entries, [c.key for c in cells]) if args.publish and cells is not None else None
+        if args.publish and published is None:
+            log.warning("--publish without a plannable --preset: the entries are written from the store alone")
+        name = cells[0].preset if cells else args.preset  # a .toml file's cells carry its name
+        board = board_from_store(args.results, preset=name, grid=grid, metadata_fallback=args.entries,
+                                 published=published)
         out = Path(args.out or Path(args.results) / "leaderboard")
         published = publish(board, out, [out / "entries"] + ([args.entries] if args.publish else []))
     else:
@@ -61,7 +71,11 @@ def add_commands(sub: Any) -> None:
     lb.add_argument("--preset", help="only this preset (with --results: its plan is the expected grid)")
     lb.add_argument("--entries", default=str(ENTRIES_DIR), metavar="DIR",
                     help="the committed entries folder (default: the package's leaderboard/entries)")
-    lb.add_argument("--publish", action="store_true", help="with --results: also write the entries into --entries")
+    lb.add_argument("--publish", action="store_true",
+                    help="with --results: also write the entries into --entries. With --preset, an entry keeps "
+                         "its cells that the store lacks when they are the computation the preset plans (same "
+                         "cell key), so a grid run in parts (sessions, machines) is published whole; cells of "
+                         "another configuration are dropped, and the store's cells win")
     lb.add_argument("--readme", metavar="FILE",
                     help="also write the ranking and the heatmaps of --preset into FILE, between the lines "
                          "'<!-- leaderboard:PRESET -->' and '<!-- /leaderboard:PRESET -->' (images go to "

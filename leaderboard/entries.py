@@ -208,7 +208,8 @@ def _entry_rows(e: dict[str, Any], path: Path, rows: list, grid: list, metadata:
             "error": r.get("error"), "key": r.get("key", ""), "defense_config": e.get("config", {}),
             "attack_config": attack_cfg, "dataset_config": e.get("dataset_config", {}),
             "perturbation": perturbation.get(int(r["seed"]), {}), "environment": e.get("environment", {}),
-            "metadata": {"defense": meta, "preset": e.get("protocol") or {}},
+            "metadata": {"defense": meta, "preset": e.get("protocol") or {},  # the shape a store's cell records
+                         "surrogate_threat_model": meta["surrogate_threat_model"]},
         })
     grid += [{"group": e["group"], **g} for g in e["grid"]]
 

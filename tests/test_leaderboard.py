@@ -510,3 +510,51 @@ def test_reproduce_reuses_finished_cells(figures_dir):
               progress=False, defenses=["random_noise:mode=class"])
     with Store(root / "results.sqlite") as store:
         assert len(store.frame()) == before, "a second reproduce must reuse every finished cell"
+
+
+def test_publishing_a_grid_run_in_parts_keeps_the_cells_of_each_part(tmp_path, capsys, caplog):
+    """A grid run in two stores (two sessions, two machines) and published from each in turn: the entries
+    hold both parts; an entry's cell that is not the planned computation (its key differs) is dropped."""
+    import run_benchmark
+
+    preset = tmp_path / "parts.toml"
+    preset.write_text('extends = "quick"\nname = "parts"\nbackbones = ["resnet_tiny"]\n'
+                      'defenses = ["clean", "random_noise"]\nattacks = ["scratch", "scratch:epochs=2"]\n'
+                      '[dataset]\ntrain_size = 40\ntest_size = 20\nsource_size = 40\n'
+                      '[attack_protocol.scratch]\nepochs = 1\n')
+    entries = tmp_path / "entries"
+
+    def run_and_publish(store: str, attack: str) -> None:
+        out = str(tmp_path / store)
+        assert run_benchmark.main(["run", "--preset", str(preset), "--out", out, "--attacks", attack,
+                                   "--no-progress"]) == 0, capsys.readouterr().err[-2000:]
+        assert run_benchmark.main(["leaderboard", "--results", out, "--preset", str(preset), "--publish",
+                                   "--entries", str(entries), "--out", str(tmp_path / f"{store}-lb")]) == 0
+        capsys.readouterr()
+
+    run_and_publish("first", "scratch")
+    first = {d: read_entry(entries / "parts" / f"{d}.json")["results"] for d in ("clean", "random_noise")}
+    assert all(len(r) == 1 for r in first.values()), first
+    run_and_publish("second", "scratch:epochs=2")
+    for d in ("clean", "random_noise"):
+        e = read_entry(entries / "parts" / f"{d}.json")
+        by_attack = {r["attack"]: r for r in e["results"]}
+        assert sorted(by_attack) == ["scratch", "scratch(epochs=2)"], f"{d}: both parts must be published"
+        assert by_attack["scratch"] == first[d][0], f"{d}: the first part's cell must be kept as it was"
+        assert e["score"]["complete"] and e["score"]["cells_ok"] == 2, e["score"]
+        assert by_attack["scratch"]["clean_accuracy"] is not None, "the kept cell keeps its clean reference"
+
+    # a cell of another configuration (its key is not the plan's) is not carried over
+    path = entries / "parts" / "random_noise.json"
+    e = json.loads(path.read_text())
+    stale = next(r for r in e["results"] if r["attack"] == "scratch")
+    stale["key"] = "0" * 24
+    path.write_text(json.dumps(e))
+    caplog.set_level("WARNING")
+    assert run_benchmark.main(["leaderboard", "--results", str(tmp_path / "second"), "--preset", str(preset),
+                               "--publish", "--entries", str(entries), "--out", str(tmp_path / "third-lb")]) == 0
+    e = read_entry(path)
+    assert [r["attack"] for r in e["results"]] == ["scratch(epochs=2)"], "a stale cell must be dropped"
+    assert not e["score"]["complete"] and e["score"]["cells_missing"] == 1, e["score"]
+    assert "not in the plan" in caplog.text, "dropping published cells must be said"
+    assert len(read_entry(entries / "parts" / "clean.json")["results"]) == 2, "the other entry is unchanged"
