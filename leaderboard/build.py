@@ -12,10 +12,11 @@ description, and to name a group after its preset's own data set.
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Collection, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import pandas as pd
 
@@ -90,28 +91,58 @@ def recorded_presets(cells: pd.DataFrame) -> dict[str, dict]:
     return out
 
 
+# the measured sizes of a protected set (``benchmark.metrics``): equal to float precision = the same set
+PROTECTED_SET_FINGERPRINT = ("linf", "l0_mean", "l0_max", "l2_mean", "l2_max", "psnr", "ssim")
+
+
+def same_protected_set(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Whether two cells' perturbation records measure the same protected set: every measured size is
+    there and agrees to 1e-6 (relative). A generator whose output depends on the CPU's float kernels
+    (a surrogate it trains, its PGD) makes another set on another machine under the same cell key."""
+    try:
+        return all(math.isclose(float(a[k]), float(b[k]), rel_tol=1e-6, abs_tol=1e-9)
+                   for k in PROTECTED_SET_FINGERPRINT)
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
 def with_published_cells(cells: pd.DataFrame, entries_dir: str | Path, planned: Collection[str]) -> pd.DataFrame:
     """``cells`` (from a store) plus the cells of the entries under ``entries_dir`` that the store lacks,
-    for the groups of ``cells``: only cells whose key is in ``planned``, that is the very computation the
-    plan asks for (the key hashes every resolved config), so an entry's cells of an older configuration
-    are dropped. A store's cell wins over an entry's of the same key. This lets a grid be run in parts
-    (other sessions, other machines) without a publish erasing the cells of an earlier part."""
+    for the groups of ``cells``. An entry's cell is kept when its key is in ``planned`` (the very
+    computation the plan asks for: the key hashes every resolved config) and, if the store holds
+    cells of the same defense and seed, when both were trained on the same protected set
+    (``same_protected_set``), so that one entry never mixes two generator outputs. A store's cell wins
+    over an entry's of the same key. This lets a grid be run in parts (other sessions, other machines)
+    without a publish erasing the cells of an earlier part."""
     groups = sorted(set(cells["group"]))
     if not groups or not entry_files(entries_dir, groups):
         return cells
     published = load_entries(entries_dir, groups).cells
     planned = set(planned)
-    keep = published[published["key"].isin(planned) & ~published["key"].isin(set(cells["key"]))]
-    stale = published[~published["key"].isin(planned)]
+    candidates = published[~published["key"].isin(set(cells["key"]))]
+    stale = candidates[~candidates["key"].isin(planned)]
     if len(stale):
         log.warning("%d published cells of %s are not in the plan (another configuration); they are dropped",
                     len(stale), ", ".join(sorted(set(stale["defense"]))))
+    candidates = candidates[candidates["key"].isin(planned)]
+    sets: dict[tuple, Mapping] = {}  # (group, defense, seed) -> the store's protected set, from its ok cells
+    for g, d, seed, status, pert in cells[["group", "defense", "seed", "status", "perturbation"]].itertuples(index=False):
+        if status == "ok" and pert:
+            sets.setdefault((g, d, int(seed)), pert)
+    other = [(g, d, int(seed)) in sets and not same_protected_set(sets[(g, d, int(seed))], pert)
+             for g, d, seed, pert in candidates[["group", "defense", "seed", "perturbation"]].itertuples(index=False)]
+    other = pd.Series(other, index=candidates.index, dtype=bool)
+    if other.any():
+        log.warning("%d published cells of %s were trained on another protected set than the store's cells of "
+                    "the same defense and seed (the generator's output differs, e.g. on another CPU); they are "
+                    "dropped: rerun them into this store", int(other.sum()),
+                    ", ".join(sorted(set(candidates.loc[other, "defense"]))))
+    keep = candidates[~other]
     if keep.empty:
         return cells
     log.info("keeping %d published cells the store does not hold (%s)", len(keep),
              ", ".join(sorted(set(keep["defense"]))))
-    merged = pd.concat([cells, keep], ignore_index=True)
-    return attach_clean_reference(merged)
+    return attach_clean_reference(pd.concat([cells, keep], ignore_index=True))
 
 
 def board_from_store(results_dir: str | Path, *, keys: Sequence[str] | None = None, preset: str | None = None,

@@ -74,8 +74,9 @@ def add_commands(sub: Any) -> None:
     lb.add_argument("--publish", action="store_true",
                     help="with --results: also write the entries into --entries. With --preset, an entry keeps "
                          "its cells that the store lacks when they are the computation the preset plans (same "
-                         "cell key), so a grid run in parts (sessions, machines) is published whole; cells of "
-                         "another configuration are dropped, and the store's cells win")
+                         "cell key) and were trained on the same protected set as the store's cells of that "
+                         "defense and seed, so a grid run in parts (sessions, machines) is published whole; "
+                         "other cells are dropped, and the store's cells win")
     lb.add_argument("--readme", metavar="FILE",
                     help="also write the ranking and the heatmaps of --preset into FILE, between the lines "
                          "'<!-- leaderboard:PRESET -->' and '<!-- /leaderboard:PRESET -->' (images go to "

@@ -558,3 +558,19 @@ def test_publishing_a_grid_run_in_parts_keeps_the_cells_of_each_part(tmp_path, c
     assert not e["score"]["complete"] and e["score"]["cells_missing"] == 1, e["score"]
     assert "not in the plan" in caplog.text, "dropping published cells must be said"
     assert len(read_entry(entries / "parts" / "clean.json")["results"]) == 2, "the other entry is unchanged"
+
+    # a part trained on another protected set of the same defense and seed (its generator gave other
+    # bytes, e.g. on another CPU) is not joined with the store's cells of that set
+    run_and_publish("first", "scratch")  # the entry is whole again
+    e = json.loads(path.read_text())
+    assert len(e["results"]) == 2
+    e["perturbation"][0]["l2_mean"] *= 1.01
+    path.write_text(json.dumps(e))
+    caplog.clear()
+    assert run_benchmark.main(["leaderboard", "--results", str(tmp_path / "second"), "--preset", str(preset),
+                               "--publish", "--entries", str(entries), "--out", str(tmp_path / "fourth-lb")]) == 0
+    assert [r["attack"] for r in read_entry(path)["results"]] == ["scratch(epochs=2)"], \
+        "cells of another protected set must be dropped"
+    assert "another protected set" in caplog.text, caplog.text
+    assert len(read_entry(entries / "parts" / "clean.json")["results"]) == 2, \
+        "clean's protected set is the same everywhere: its cells are kept"
