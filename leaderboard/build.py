@@ -16,7 +16,7 @@ import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Collection, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
@@ -106,9 +106,10 @@ def same_protected_set(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
         return False
 
 
-def with_published_cells(cells: pd.DataFrame, entries_dir: str | Path, planned: Collection[str]) -> pd.DataFrame:
+def with_published_cells(cells: pd.DataFrame, entries_dir: str | Path, planned: Mapping[str, str]) -> pd.DataFrame:
     """``cells`` (from a store) plus the cells of the entries under ``entries_dir`` that the store lacks,
-    for the groups of ``cells``. An entry's cell is kept when its key is in ``planned`` (the very
+    for the groups of ``cells`` and the defenses of ``planned`` (planned cell key -> defense label). An
+    entry's cell is kept when its key is in ``planned`` (the very
     computation the plan asks for: the key hashes every resolved config) and, if the store holds
     cells of the same defense and seed, when both were trained on the same protected set
     (``same_protected_set``), so that one entry never mixes two generator outputs. A store's cell wins
@@ -118,7 +119,8 @@ def with_published_cells(cells: pd.DataFrame, entries_dir: str | Path, planned: 
     if not groups or not entry_files(entries_dir, groups):
         return cells
     published = load_entries(entries_dir, groups).cells
-    planned = set(planned)
+    # defenses the plan does not run (a submitted plugin's entry) are not this board's: left as they are
+    published = published[published["defense"].isin(set(planned.values()))]
     candidates = published[~published["key"].isin(set(cells["key"]))]
     stale = candidates[~candidates["key"].isin(planned)]
     if len(stale):
@@ -148,9 +150,9 @@ def with_published_cells(cells: pd.DataFrame, entries_dir: str | Path, planned: 
 def board_from_store(results_dir: str | Path, *, keys: Sequence[str] | None = None, preset: str | None = None,
                      grid: pd.DataFrame | None = None, presets: dict[str, dict] | None = None,
                      metadata_fallback: str | Path | None = ENTRIES_DIR,
-                     published: tuple[str | Path, Collection[str]] | None = None) -> Leaderboard:
+                     published: tuple[str | Path, Mapping[str, str]] | None = None) -> Leaderboard:
     """The board of a store's cells (only ``keys``, only ``preset``, only ``grid``'s coordinates when given);
-    ``published`` = (entries folder, planned keys) adds the planned cells of those entries that the store
+    ``published`` = (entries folder, planned key -> defense label) adds the planned cells of those entries that the store
     lacks (``with_published_cells``)."""
     path = Path(results_dir) / "results.sqlite"
     if not path.is_file():

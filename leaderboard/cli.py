@@ -30,9 +30,10 @@ def leaderboard_command(args: argparse.Namespace) -> int:
         cells = preset_plan(args.preset) if args.preset else None
         grid = plan_grid(cells) if cells is not None else None
         # publishing keeps the entries' planned cells the store lacks (a grid run in parts); that needs the plan
-        published = (args.entries, [c.key for c in cells]) if args.publish and cells is not None else None
-        if args.publish and published is None:
+        planned = {c.key: c.defense.label for c in cells} if cells is not None else None
+        if args.publish and planned is None:
             log.warning("--publish without a plannable --preset: the entries are written from the store alone")
+        published = (args.entries, planned) if args.publish and planned is not None else None
         name = cells[0].preset if cells else args.preset  # a .toml file's cells carry its name
         board = board_from_store(args.results, preset=name, grid=grid, metadata_fallback=args.entries,
                                  published=published)

@@ -574,3 +574,15 @@ def test_publishing_a_grid_run_in_parts_keeps_the_cells_of_each_part(tmp_path, c
     assert "another protected set" in caplog.text, caplog.text
     assert len(read_entry(entries / "parts" / "clean.json")["results"]) == 2, \
         "clean's protected set is the same everywhere: its cells are kept"
+
+    # an entry of a defense the preset does not run (a submitted plugin's) is left as it is, unmentioned
+    other = entries / "parts" / "mine.json"
+    e = json.loads((entries / "parts" / "clean.json").read_text())
+    e.update(defense="mine", name="clean")
+    for i, r in enumerate(e["results"]):
+        r["key"] = f"{i:024d}"  # its own cells: not the plan's
+    other.write_text(json.dumps(e))
+    caplog.clear()
+    assert run_benchmark.main(["leaderboard", "--results", str(tmp_path / "second"), "--preset", str(preset),
+                               "--publish", "--entries", str(entries), "--out", str(tmp_path / "fifth-lb")]) == 0
+    assert json.loads(other.read_text()) == e and "mine" not in caplog.text, caplog.text
