@@ -1,9 +1,14 @@
 """Behaviour lock: a tiny grid over every built-in defense and paradigm gives exactly the saved results.
 
-``tests/fixtures/behaviour/`` holds ``results.csv`` and ``perturbations.csv`` of this grid as the code
-computed them when the fixture was written. A refactor that changes a number, a cell key (the cache
-would silently recompute) or a certificate fails here. When a change is meant to alter results, write
-the fixture again with ``UEBENCH_WRITE_FIXTURE=1 pytest tests/test_behaviour.py`` and say why in the
+``tests/fixtures/behaviour/<cpu>/`` holds ``results.csv`` and ``perturbations.csv`` of this grid as the
+code computed them when the fixture was written, one folder per kind of CPU it was written on: the
+float kernels torch picks differ between CPUs (an Intel Xeon and an AMD EPYC give other accuracies and
+other generator outputs, even on one thread), so the numbers must equal one saved set exactly, and
+the cell keys, statuses and certificate verdicts, which no CPU changes, must equal every set. A
+refactor that changes a number, a cell key (the cache would silently recompute) or a certificate
+fails here. When a change is meant to alter results, or on a new kind of CPU, write this CPU's
+fixture with ``UEBENCH_WRITE_FIXTURE=1 pytest tests/test_behaviour.py`` (it goes to the folder named
+by ``cpu_kind()``; after a change meant to alter results, write every CPU's) and say why in the
 commit.
 """
 
@@ -60,13 +65,42 @@ def grid_output(tmp_path_factory) -> Path:
     return out
 
 
+# what no CPU changes: a difference here is a difference in the code
+STRUCTURE = {"results.csv": ["defense", "attack", "backbone", "seed", "status", "error", "key"],
+             "perturbations.csv": ["defense", "seed", "certificate"]}
+
+
+def cpu_kind() -> str:
+    """The folder name of this CPU's fixture: its vendor and the instruction set torch dispatches to."""
+    vendor = "unknown"
+    try:
+        vendor = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                       if line.startswith("vendor_id")), vendor)
+    except OSError:
+        pass
+    return f"{vendor}-{torch.backends.cpu.get_cpu_capability()}".lower()
+
+
 @pytest.mark.parametrize("name, columns", [("results.csv", RESULT_COLUMNS),
                                            ("perturbations.csv", PERTURBATION_COLUMNS)])
 def test_the_tiny_grid_gives_the_saved_results(grid_output, name, columns):
     got = pd.read_csv(grid_output / name)[columns]
     if os.environ.get("UEBENCH_WRITE_FIXTURE"):
-        FIXTURE.mkdir(parents=True, exist_ok=True)
-        got.to_csv(FIXTURE / name, index=False)
-    want = pd.read_csv(FIXTURE / name)[columns]
-    assert len(got) == len(want) > 0
-    pd.testing.assert_frame_equal(got, want, check_dtype=False)
+        (FIXTURE / cpu_kind()).mkdir(parents=True, exist_ok=True)
+        got.to_csv(FIXTURE / cpu_kind() / name, index=False)
+    saved = {d.name: pd.read_csv(d / name)[columns] for d in sorted(FIXTURE.iterdir()) if (d / name).is_file()}
+    assert saved, f"no saved {name} under {FIXTURE}"
+    for cpu, want in saved.items():
+        assert len(got) == len(want) > 0, f"{cpu}: {len(want)} saved rows, {len(got)} computed"
+        pd.testing.assert_frame_equal(got[STRUCTURE[name]], want[STRUCTURE[name]], check_dtype=False,
+                                      obj=f"{name} (keys, statuses, verdicts) against the {cpu} fixture")
+    mismatches = {}
+    for cpu, want in saved.items():
+        try:
+            pd.testing.assert_frame_equal(got, want, check_dtype=False)
+            return
+        except AssertionError as exc:
+            mismatches[cpu] = str(exc).splitlines()[0:6]
+    pytest.fail(f"{name} equals none of the saved fixtures ({', '.join(saved)}; this CPU: {cpu_kind()}); "
+                f"if this is a new kind of CPU, write its fixture (UEBENCH_WRITE_FIXTURE=1). Differences: "
+                + "; ".join(f"{cpu}: {' '.join(lines)}" for cpu, lines in mismatches.items()))
