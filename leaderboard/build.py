@@ -109,12 +109,11 @@ def same_protected_set(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
 def with_published_cells(cells: pd.DataFrame, entries_dir: str | Path, planned: Mapping[str, str]) -> pd.DataFrame:
     """``cells`` (from a store) plus the cells of the entries under ``entries_dir`` that the store lacks,
     for the groups of ``cells`` and the defenses of ``planned`` (planned cell key -> defense label). An
-    entry's cell is kept when its key is in ``planned`` (the very
-    computation the plan asks for: the key hashes every resolved config) and, if the store holds
-    cells of the same defense and seed, when both were trained on the same protected set
-    (``same_protected_set``), so that one entry never mixes two generator outputs. A store's cell wins
-    over an entry's of the same key. This lets a grid be run in parts (other sessions, other machines)
-    without a publish erasing the cells of an earlier part."""
+    entry's cell is kept when its key is in ``planned`` (the very computation the plan asks for: the
+    key hashes every resolved config) and, if the store holds cells of the same defense and seed, when
+    both were trained on the same protected set (``same_protected_set``), so that one entry never
+    mixes two generator outputs. A store's cell wins over an entry's of the same key. This lets a grid
+    be run in parts (other sessions, other machines) without a publish erasing an earlier part."""
     groups = sorted(set(cells["group"]))
     if not groups or not entry_files(entries_dir, groups):
         return cells
@@ -151,9 +150,9 @@ def board_from_store(results_dir: str | Path, *, keys: Sequence[str] | None = No
                      grid: pd.DataFrame | None = None, presets: dict[str, dict] | None = None,
                      metadata_fallback: str | Path | None = ENTRIES_DIR,
                      published: tuple[str | Path, Mapping[str, str]] | None = None) -> Leaderboard:
-    """The board of a store's cells (only ``keys``, only ``preset``, only ``grid``'s coordinates when given);
-    ``published`` = (entries folder, planned key -> defense label) adds the planned cells of those entries that the store
-    lacks (``with_published_cells``)."""
+    """The board of a store's cells (only ``keys``, ``preset`` and ``grid``'s coordinates, when given);
+    ``published`` = (entries folder, planned key -> defense label) adds the planned cells of those
+    entries that the store lacks (``with_published_cells``)."""
     path = Path(results_dir) / "results.sqlite"
     if not path.is_file():
         raise UEBenchError(f"no results store at {path}; run 'run_benchmark.py run --out {results_dir}' first")
