@@ -63,6 +63,22 @@ class Executor:
         raise NotImplementedError
 
 
+def cpu() -> dict[str, str]:
+    """The CPU a cell ran on: its model name and the instruction set torch's kernels dispatch to. Float
+    results depend on both (``docs/methods.md``, "Seeds and noise"), so every cell records them."""
+    fields = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("vendor_id", "model name"):
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:  # not Linux
+        pass
+    return {"cpu": fields.get("model name") or platform.processor() or platform.machine(),
+            "cpu_vendor": fields.get("vendor_id", "unknown"),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     import timm
 
@@ -73,7 +89,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         commit = "unknown"
     return {"uebench": __version__, "torch": torch.__version__, "timm": timm.__version__,
             "python": platform.python_version(), "platform": platform.platform(), "device": str(device),
-            "git_commit": commit, "threads": torch.get_num_threads()}
+            "git_commit": commit, "threads": torch.get_num_threads(), **cpu()}
 
 
 def cell_metadata(cell: Cell) -> dict[str, Any]:

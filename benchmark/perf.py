@@ -221,8 +221,11 @@ def measure_grid(preset: Preset, device: torch.device, progress: bool, keep: Pat
 def machine() -> dict[str, Any]:
     import os
 
+    from benchmark.execute import cpu
+
+    info = cpu()
     return {"cpus": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "platform": platform.platform(), "processor": info["cpu"], "cpu_capability": info["cpu_capability"],
             "load_average_1m": round(os.getloadavg()[0], 2)}
 
 
@@ -283,7 +286,8 @@ def tables(rep: dict[str, Any]) -> str:
             for k, v in rep["targets"].items()]
     text += "\n\n" + tabulate(rows, headers=["target", "measured", "wanted", ""], disable_numparse=True)
     m = rep["machine"]
-    text += (f"\n\nmachine: {m['cpus']} CPUs, {m['threads']} torch threads, {m['processor']}, device "
+    text += (f"\n\nmachine: {m['cpus']} CPUs, {m['threads']} torch threads, {m['processor']} "
+             f"({m.get('cpu_capability', '?')} kernels), device "
              f"{rep['device']}; load average {m['load_average_1m']} before, {m['load_average_1m_after']} after")
     return text
 

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -64,7 +65,7 @@ def make_entries(board: Leaderboard) -> dict[tuple[str, str], dict[str, Any]]:
         cells = board.cells[(board.cells["group"] == s.group) & (board.cells["defense"] == s.defense)]
         grid = board.grid[board.grid["group"] == s.group]
         first = cells.iloc[0]
-        last = cells.sort_values("key").iloc[-1]  # the environment shown: any cell's (they share a run)
+        results, environments = _results(cells)
         attacks = {a: dict(cfg) for a, cfg in zip(cells["attack"], cells["attack_config"])}
         perturbation = {int(seed): dict(p) for seed, p in zip(cells["seed"], cells["perturbation"]) if p}
         entry = {
@@ -81,15 +82,30 @@ def make_entries(board: Leaderboard) -> dict[tuple[str, str], dict[str, Any]]:
             "attacks": dict(sorted(attacks.items())),
             "grid": [{"attack": a, "backbone": b, "seed": int(sd)}
                      for a, b, sd in grid[CELL_KEYS].itertuples(index=False)],
-            "results": [{f: r[f] for f in RESULT_FIELDS}
-                        for _, r in cells.sort_values(CELL_KEYS).iterrows()],
+            "results": results,
             "perturbation": [{"seed": seed, **p} for seed, p in sorted(perturbation.items())],
             "certificates": seed_certificates(cells),
-            "environment": dict(last["environment"] or {}),
+            # where the cells ran: each result's "environment" indexes "environments" (a grid published in
+            # parts may join machines); "environment" is the one most cells ran in
+            "environment": environments[Counter(r["environment"] for r in results).most_common(1)[0][0]],
+            "environments": environments,
             "generated_by": {"uebench": __version__, "protocol_version": PROTOCOL_VERSION},
         }
         out[(s.group, s.defense)] = plain(entry)
     return out
+
+
+def _results(cells: pd.DataFrame) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """An entry's results, in cell order, and the distinct environments they ran in (CPU, commit, torch,
+    ...), each result naming its own by index."""
+    results: list[dict[str, Any]] = []
+    environments: list[dict[str, Any]] = []
+    for _, r in cells.sort_values(CELL_KEYS).iterrows():
+        env = plain(dict(r["environment"] or {}))
+        if env not in environments:
+            environments.append(env)
+        results.append({**{f: r[f] for f in RESULT_FIELDS}, "environment": environments.index(env)})
+    return results, environments
 
 
 def write_entries(board: Leaderboard, root: str | Path, defenses: Iterable[str] | None = None) -> list[Path]:
@@ -184,6 +200,15 @@ def _num(v: Any) -> float:
     return float("nan") if v is None else float(v)
 
 
+def _environment(entry: Mapping[str, Any], result: Mapping[str, Any]) -> dict[str, Any]:
+    """A result's environment: the one it indexes, or (entries written before each result named its own)
+    the entry's."""
+    index, environments = result.get("environment"), entry.get("environments")
+    if isinstance(index, int) and isinstance(environments, list) and 0 <= index < len(environments):
+        return dict(environments[index])
+    return dict(entry.get("environment") or {})
+
+
 def _entry_rows(e: dict[str, Any], path: Path, rows: list, grid: list, metadata: dict, presets: dict) -> None:
     """Append the rows, grid and metadata of one entry (read_entry checked its fields)."""
     if (e["group"], e["defense"]) in metadata:
@@ -207,7 +232,7 @@ def _entry_rows(e: dict[str, Any], path: Path, rows: list, grid: list, metadata:
             "train_accuracy": _num(r.get("train_accuracy")), "seconds": _num(r.get("seconds")),
             "error": r.get("error"), "key": r.get("key", ""), "defense_config": e.get("config", {}),
             "attack_config": attack_cfg, "dataset_config": e.get("dataset_config", {}),
-            "perturbation": perturbation.get(int(r["seed"]), {}), "environment": e.get("environment", {}),
+            "perturbation": perturbation.get(int(r["seed"]), {}), "environment": _environment(e, r),
             "metadata": {"defense": meta, "preset": e.get("protocol") or {},  # the shape a store's cell records
                          "surrogate_threat_model": meta["surrogate_threat_model"]},
         })

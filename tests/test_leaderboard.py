@@ -32,10 +32,10 @@ ATTACK_CONFIGS = {"scratch": {"name": "scratch"}, "linear_probe": {"name": "line
 
 def record(defense: str, attack: str, backbone: str, seed: int, acc: float | None, *, status: str = "ok",
            preset: str = "t", dataset: str = "shapes", name: str | None = None, t: float = 0.0,
-           cert: dict | None = None, metadata: dict | None = None) -> CellRecord:
+           cert: dict | None = None, metadata: dict | None = None, env: dict | None = None) -> CellRecord:
     """A cell as the executor would record it; ``name`` is the registered defense behind the label, ``cert``
     the certificate of its protected set (``Certificate.to_dict()``), ``metadata`` the defense's metadata
-    (default: the registered defense's)."""
+    (default: the registered defense's), ``env`` where it ran."""
     name = name or defense.split("(")[0]
     if metadata is None and name in DEFENSES:
         metadata = DEFENSES.get(name)().metadata()
@@ -48,7 +48,7 @@ def record(defense: str, attack: str, backbone: str, seed: int, acc: float | Non
                       config=config, metrics={"perturbation": {"linf": 8.0, "certificate": cert},
                                               "metadata": {"defense": metadata} if metadata else {},
                                               "num_classes": 10},
-                      environment={"torch": "x"},
+                      environment={"torch": "x"} if env is None else env,
                       started_at=t, finished_at=t + 1)
 
 
@@ -189,6 +189,25 @@ def test_entries_round_trip_reproduces_the_tables(tmp_path):
     assert latex(ranking_frame(again)) == latex(ranking_frame(board)), "LaTeX from entries must match the store's"
     pd.testing.assert_frame_equal(again.ranked().drop(columns=["version"]), board.ranked().drop(columns=["version"]),
                                   check_dtype=False, obj="scores from entries")
+
+
+def test_an_entry_names_the_machine_of_each_result(tmp_path):
+    xeon = {"cpu": "Intel(R) Xeon(R)", "cpu_capability": "AMX", "git_commit": "a"}
+    epyc = {"cpu": "AMD EPYC", "cpu_capability": "AVX512", "git_commit": "b"}
+    envs = {("random_noise", "scratch"): epyc, ("random_noise", "linear_probe"): xeon,
+            ("random_noise", "frozen_shallow"): epyc}
+    extra = [record(d, a, "b1", 0, 50.0, env=env) for (d, a), env in envs.items()]
+    board = board_of(make_store(tmp_path, rows={("clean", a, "b1"): 90.0 for _, a in envs}, extra=extra))
+    entry = make_entries(board)[("t", "random_noise")]
+    assert entry["environments"] == [epyc, xeon], f"the distinct environments, in result order: {entry['environments']}"
+    shown = {r["attack"]: entry["environments"][r["environment"]] for r in entry["results"]}
+    assert shown == {a: env for (_, a), env in envs.items()}, f"each result must name its own machine: {shown}"
+    assert entry["environment"] == epyc, "the entry's environment must be the one most of its cells ran in"
+    write_entries(board, tmp_path / "entries")
+    again = load_entries(tmp_path / "entries").cells
+    again = again[again["defense"] == "random_noise"]
+    got = dict(zip(again["attack"], again["environment"]))
+    assert got == shown, f"loading the entry back must give each cell its own environment: {got}"
 
 
 PASSED = certificate(Check("shortcut_accuracy", 0.97, 0.9, ">=")).to_dict()
