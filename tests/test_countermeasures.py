@@ -168,7 +168,8 @@ def test_a_countermeasure_starts_from_its_base_paradigm():
     assert tuned.plugin.paradigm() == ft, "the base is not the preset's full_finetune"
     assert (plain.plugin.epochs, plain.plugin.optimizer) == (6, "adamw"), "base scratch: not the preset's scratch"
     mobile = configure(ATTACKS, "cutout", protocol, backbone="mobilenet_tiny").plugin
-    assert mobile.epochs == 15, "the base's per-backbone protocol (scratch@mobilenet_tiny) is not applied"
+    assert (mobile.lr, mobile.weight_decay) == (1e-2, 0.6), \
+        "the base's per-backbone protocol (scratch@mobilenet_tiny) is not applied"
     sf = configure(ATTACKS, "mixup:base=sf_pretrain").plugin
     assert (sf.weights, sf.lr) == ("sf", 1e-3), "without a preset the base's own defaults apply"
     assert sf.zoo_sources() == frozenset({"sf"}) and plain.plugin.zoo_sources() == frozenset(), \
