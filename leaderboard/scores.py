@@ -6,6 +6,8 @@ Rules (docs/design.md, "Data flow"; docs/submit.md, how a submission is scored):
   std, ddof=1; none with one seed); ``seeds`` is the number of seeds in the group's grid;
 - protection = (clean - acc) / (clean - chance), chance = 100 / number of classes, computed from the
   seed-averaged accuracy and the seed-averaged clean reference of the same attack and backbone;
+  undefined (left out of the min and mean) in an uninformative column, whose clean reference stays
+  below twice chance;
 - a defense's score is its **worst case**: the highest accuracy that any attack x backbone reaches
   against it (lower is better); the mean over the grid stands beside it;
 - every defense of a group (preset + data set) is expected to have every (attack, backbone, seed)
@@ -199,13 +201,20 @@ def attach_clean_reference(cells: pd.DataFrame) -> pd.DataFrame:
 
 # ------------------------------------------------------------------------------------ scores
 
+# A column whose clean reference stays below this many times chance is uninformative: the victim does not
+# learn even clean data there, so a low accuracy in it is no protection (tables name such columns)
+INFORMATIVE_FACTOR = 2.0
+
+
 def protection(accuracy: Any, clean: Any, chance: Any) -> Any:
-    """(clean - acc) / (clean - chance): 1 = at chance, 0 = no effect; NaN when clean is not above chance
-    (accuracies are float32 measurements, so "above" means by more than 1e-4 points)."""
-    clean_ = np.asarray(clean, dtype=float)
-    span = clean_ - np.asarray(chance, dtype=float)
+    """(clean - acc) / (clean - chance): 1 = at chance, 0 = no effect; NaN in an uninformative column (clean
+    below ``INFORMATIVE_FACTOR`` times chance), and whenever clean is not above chance (accuracies are
+    float32 measurements, so "above" means by more than 1e-4 points)."""
+    clean_, chance_ = np.asarray(clean, dtype=float), np.asarray(chance, dtype=float)
+    span = clean_ - chance_
+    defined = (span > 1e-4) & (clean_ >= INFORMATIVE_FACTOR * chance_)
     with np.errstate(divide="ignore", invalid="ignore"):
-        out = np.where(span > 1e-4, (clean_ - np.asarray(accuracy, dtype=float)) / span, np.nan)
+        out = np.where(defined, (clean_ - np.asarray(accuracy, dtype=float)) / span, np.nan)
     return out if out.ndim else float(out)
 
 

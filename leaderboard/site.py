@@ -181,10 +181,10 @@ def render(board: Leaderboard, images: Mapping[str, Iterable[Path]] | None = Non
 layers or fine-tune pretrained backbones (attacks). Each number is the clean test accuracy (%) of the
 victim trained on the protected data. A defense's score is its <b>worst case</b>: the highest accuracy
 any attack x backbone reaches against it (lower is better); the mean over the grid stands beside it.
-Protection = (clean - acc) / (clean - chance). Defenses with missing or failed cells are flagged and
-not ranked. The certificate column says whether the defense reached its own objective on the released
-images (e.g. its surrogate's error, or whether the perturbation alone is a learnable shortcut): pass,
-FAILED (the cells still count), or - when the defense reports none; hover it for the numbers. With
+Protection = (clean - acc) / (clean - chance), left out where clean stays below twice chance.
+Defenses with missing or failed cells are flagged and not ranked. The certificate column says whether
+the defense reached its own objective on the released images (e.g. its surrogate's error, or whether
+the perturbation alone is a learnable shortcut): pass, FAILED (the cells still count), or - when the defense reports none; hover it for the numbers. With
 several seeds, numbers are mean ± std over seeds (sample std, ddof=1) and a defense within noise of the
 one ranked above it shares its rank. {esc(SURROGATE_NOTE)} Click a column header to sort.</p>
 <nav>{nav}</nav>

@@ -20,7 +20,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from attacks import ATTACKS
-from leaderboard.scores import REFERENCE, Leaderboard, budget_text, group_dir
+from leaderboard.scores import INFORMATIVE_FACTOR, REFERENCE, Leaderboard, budget_text, group_dir
 
 LATEX_SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                   "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
@@ -160,7 +160,7 @@ def uninformative_columns(board: Leaderboard, backbone: str, attacks: list[str])
     agg = board.aggregated[(board.aggregated["backbone"] == backbone) & (board.aggregated["defense"] == REFERENCE)]
     clean = agg.set_index("attack")
     return {a: float(clean.at[a, "accuracy_mean"]) for a in attacks
-            if a in clean.index and clean.at[a, "accuracy_mean"] < 2 * clean.at[a, "chance"]}
+            if a in clean.index and clean.at[a, "accuracy_mean"] < INFORMATIVE_FACTOR * clean.at[a, "chance"]}
 
 
 def uninformative_note(board: Leaderboard, backbone: str, attacks: list[str]) -> str:

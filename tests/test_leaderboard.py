@@ -85,6 +85,9 @@ def test_protection_formula():
     assert protection(90.0, 90.0, 10.0) == pytest.approx(0.0), "accuracy at the clean level must give 0"
     assert protection(50.0, 90.0, 10.0) == pytest.approx(0.5), "half way must give 0.5"
     assert math.isnan(protection(5.0, 10.0, 10.0)), "a clean reference at chance leaves protection undefined"
+    assert math.isnan(protection(10.0, 19.5, 10.0)), \
+        "a clean reference below twice chance (an uninformative column) must leave protection undefined"
+    assert protection(10.0, 20.0, 10.0) == pytest.approx(1.0), "at twice chance the column is informative"
 
 
 def test_worst_case_mean_and_rank(tmp_path):
