@@ -50,7 +50,12 @@ def test_transfer_weights_differ_and_come_from_the_other_half_with_another_seed(
     white, _ = zoo.build("resnet_tiny", "supervised")
     got, _ = transfer.build("resnet_tiny", "supervised")
     assert not torch.equal(white["conv1.weight"], got["conv1.weight"]), "transfer weights equal the victims'"
-    want = pretrain("resnet_tiny", "supervised", half, replace(TINY_ZOO, seed=1), device=torch.device("cpu"))
+    assert transfer.config.supervised.epochs == 2 * TINY_ZOO.supervised.epochs, \
+        "on half the images the transfer surrogate must train twice the epochs (the same steps)"
+    doubled = replace(TINY_ZOO.supervised, epochs=2 * TINY_ZOO.supervised.epochs,
+                      warmup_epochs=2 * TINY_ZOO.supervised.warmup_epochs)
+    want = pretrain("resnet_tiny", "supervised", half, replace(TINY_ZOO, seed=1, supervised=doubled),
+                    device=torch.device("cpu"))
     assert torch.equal(got["conv1.weight"], want.net.state_dict()["conv1.weight"]), \
         "transfer weights are not those pretrained on the other half with seed + 1"
 
