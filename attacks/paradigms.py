@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -52,33 +53,52 @@ class Freeze:
             model.freeze_stages(self.stages)
 
 
+# the most memory the outputs of a frozen part may take; above it the frozen part runs in every step instead
+FROZEN_OUTPUTS_MAX_BYTES = 2 * 2**30
+
+
 def finetune(model: Classifier, data: ImageSet, cfg: TrainConfig, ctx: Context, freeze: Freeze,
              desc: str, hooks: Hooks = Hooks()) -> Fitted:
     """Freeze what ``freeze`` declares and train the rest of ``model`` on ``data`` (the shared paradigm step),
-    with a countermeasure's ``hooks`` in the loop (images change per batch: no precomputed features then)."""
+    with a countermeasure's ``hooks`` in the loop.
+
+    Without augmentation and hooks the frozen part's outputs are the same in every epoch, so they are
+    computed once and the trainable rest trains on them (the same loop, the same steps and batches; the
+    frozen modules are in eval mode either way): the linear probe's head on the pooled features, the
+    rest of the network after ``k`` frozen stages on the last frozen stage's outputs."""
     freeze.apply(model)
-    if freeze.head_only and cfg.augment == "none" and not hooks.active:
-        return _probe_on_features(model, data, cfg, ctx, desc)
+    if cfg.augment == "none" and not hooks.active and (freeze.head_only or freeze.stages):
+        model.to(ctx.device)
+        prefix, suffix = (model.features, model.head) if freeze.head_only else model.split(freeze.stages)
+        outputs = frozen_outputs(prefix, data, ctx.device)
+        if outputs is not None:
+            result = train(suffix, outputs, data.labels, cfg, device=ctx.device, seed=ctx.seed,
+                           progress=ctx.progress, desc=desc)
+            return Fitted(model, train_accuracy=result.train_accuracy, epochs=cfg.epochs,
+                          trainable_parameters=trainable_parameters(model))
     result = train(model, data.images, data.labels, cfg, device=ctx.device, seed=ctx.seed, progress=ctx.progress,
                    desc=desc, batch_hook=hooks.batch_hook, loss_fn=hooks.loss_fn)
     return Fitted(model, train_accuracy=result.train_accuracy, epochs=cfg.epochs,
                   trainable_parameters=trainable_parameters(model))
 
 
-def _probe_on_features(model: Classifier, data: ImageSet, cfg: TrainConfig, ctx: Context, desc: str) -> Fitted:
-    """Without augmentation the frozen features never change: compute them once, train the head on them."""
-    model.to(ctx.device).eval()
-    feats = []
+def frozen_outputs(prefix: Callable[[torch.Tensor], torch.Tensor], data: ImageSet,
+                   device: torch.device, batch_size: int = 512) -> torch.Tensor | None:
+    """``prefix`` (a frozen part, in eval mode) applied once to every image, as float32 on ``device``; None
+    when they would take more than ``FROZEN_OUTPUTS_MAX_BYTES``."""
+    outputs = None
     with torch.no_grad():
-        for i in range(0, len(data), 512):
-            x = to_float(data.images[i: i + 512], ctx.device)
-            feats.append(model.features(x.contiguous(memory_format=torch.channels_last)).float())
-    features = torch.cat(feats)
-    head = model.head
-    result = train(head, features, data.labels, cfg, device=ctx.device, seed=ctx.seed, progress=ctx.progress,
-                   desc=desc)
-    return Fitted(model, train_accuracy=result.train_accuracy, epochs=cfg.epochs,
-                  trainable_parameters=trainable_parameters(head))
+        for i in range(0, len(data), batch_size):
+            x = to_float(data.images[i: i + batch_size], device)
+            out = prefix(x.contiguous(memory_format=torch.channels_last)).float()
+            if outputs is None:
+                size = len(data) * out[0].numel() * 4
+                if size > FROZEN_OUTPUTS_MAX_BYTES:
+                    log.info("frozen outputs would take %.1f GiB: the frozen part runs in every step", size / 2**30)
+                    return None
+                outputs = torch.empty((len(data), *out.shape[1:]), device=device)
+            outputs[i: i + len(out)] = out
+    return outputs
 
 
 @dataclass(frozen=True)

@@ -148,6 +148,35 @@ class Classifier(nn.Module):
         head = {id(p) for p in self.head.parameters()}
         self.freeze({n for n, p in self.net.named_parameters() if id(p) not in head})
 
+    def split(self, k: int) -> tuple[nn.Module, nn.Module]:
+        """The network cut after its stem and first ``k`` body stages (those ``freeze_stages(k)`` freezes):
+        ``(prefix, suffix)``, two modules sharing this model's parameters, with ``suffix(prefix(x))`` equal
+        to ``self(x)``. ``prefix`` takes images in [0, 1]. ``k = 0`` cuts after the stem."""
+        n = self.num_body_stages
+        if not 0 <= k <= n:
+            raise UEBenchError(f"{self.spec.name} has {n} body stages; k={k} is out of range")
+        net, family = self.net, self.spec.family
+        if family == "resnet":
+            stem = [net.conv1, net.bn1, net.act1, net.maxpool]
+            stages = [net.layer1, net.layer2, net.layer3, net.layer4]
+            neck: list[nn.Module] = []
+            head = [net.global_pool, net.fc]
+        elif family == "mobilenet":
+            stem, stages, neck = [net.conv_stem, net.bn1], list(net.blocks), []
+            head = [net.global_pool, net.conv_head, net.norm_head, net.act2, net.flatten, net.classifier]
+        elif family == "convnext":
+            stem, stages, neck, head = [net.stem], list(net.stages), [net.norm_pre], [net.head]
+        elif family == "vit":
+            stem = [_VitEmbed(net)]
+            stages, neck, head = list(net.blocks), [net.norm], [net.fc_norm, net.head_drop, net.head]
+        else:
+            raise UEBenchError(f"{self.spec.name}: no split for family {family!r}")
+        if len(stages) != n:
+            raise UEBenchError(f"{self.spec.name}: {len(stages)} stage modules, but {n} parameter stages")
+        prefix = nn.Sequential(_Normalize(self.mean, self.std), *stem, *stages[:k])
+        suffix = nn.Sequential(*stages[k:], *neck, _Head(net, head))
+        return prefix, suffix
+
     def frozen_parameter_names(self) -> set[str]:
         return {n for n, p in self.net.named_parameters() if not p.requires_grad}
 
@@ -158,6 +187,52 @@ class Classifier(nn.Module):
                 if name in self._frozen:
                     module.eval()
         return self
+
+
+class _Normalize(nn.Module):
+    """The input normalization of a ``Classifier`` as a module (the first layer of its ``split`` prefix)."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("std", std, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class _VitEmbed(nn.Module):
+    """A ViT's stem as one module: patch embedding, position embedding (and class token), patch drop,
+    pre-norm."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList([net.patch_embed, net.patch_drop, net.norm_pre])
+        # the network's tokens and position embedding (stem parameters): registered here too, used by _pos_embed
+        self.tokens = nn.ParameterList([p for p in (net.cls_token, net.reg_token, net.pos_embed) if p is not None])
+        self.pos_embed = net._pos_embed  # a bound method
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        patch_embed, patch_drop, norm_pre = self.parts
+        return norm_pre(patch_drop(self.pos_embed(patch_embed(x))))
+
+
+class _Head(nn.Module):
+    """A timm network's ``forward_head`` as a module (the last layer of a ``split`` suffix); ``modules``
+    are the layers it uses, registered here so that the suffix owns their parameters."""
+
+    def __init__(self, net: nn.Module, modules: list[nn.Module]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(modules)
+        object.__setattr__(self, "_net", net)  # not a submodule: the suffix owns the head's layers only
+
+    def train(self, mode: bool = True) -> _Head:
+        super().train(mode)
+        self._net.training = mode  # forward_head reads the network's own flag (dropout)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._net.forward_head(x)
 
 
 def create_model(name: str, num_classes: int, image_size: int = 32, in_chans: int = 3) -> Classifier:

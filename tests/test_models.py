@@ -51,3 +51,28 @@ def test_reset_head_and_features():
 def test_unknown_backbone():
     with pytest.raises(UEBenchError, match="unknown backbone 'resnet9000'; valid names: .*resnet_tiny"):
         create_model("resnet9000", 10)
+
+
+@pytest.mark.parametrize("name", FAST)
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_split_is_the_network_cut_after_the_frozen_stages(name, k):
+    model = create_model(name, 5)
+    model.freeze_stages(k)
+    model.eval()
+    prefix, suffix = model.split(k)
+    x = torch.rand(3, 3, 32, 32)
+    torch.testing.assert_close(suffix(prefix(x)), model(x), msg=f"{name}, k={k}: suffix(prefix(x)) != model(x)")
+    params = {id(p): n for n, p in model.net.named_parameters()}
+    in_prefix = {params[id(p)] for p in prefix.parameters()}
+    in_suffix = {params[id(p)] for p in suffix.parameters()}
+    stages = model.stages()
+    assert in_prefix | in_suffix == set(params.values()) and not in_prefix & in_suffix, \
+        f"{name}, k={k}: prefix and suffix must share out the parameters, overlap {sorted(in_prefix & in_suffix)[:3]}"
+    assert in_prefix == set().union(*map(set, stages[: k + 1])), \
+        f"{name}, k={k}: the prefix holds {sorted(in_prefix)[:4]}..., not the stem and the first {k} stages"
+    if k:
+        assert in_prefix == model.frozen_parameter_names(), f"{name}, k={k}: the prefix is not what freeze_stages froze"
+    suffix.train()
+    assert model.net.training and all(m.training for m in suffix.modules()), f"{name}: suffix.train() left eval modules"
+    with pytest.raises(UEBenchError, match="out of range"):
+        model.split(99)
