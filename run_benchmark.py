@@ -272,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
         import attacks  # noqa: F401  built-in plugins register on import
         import defenses  # noqa: F401
         from benchmark.registry import load_plugin_file
+        from benchmark.runtime import keep_freed_memory
+
+        keep_freed_memory()  # fewer page faults per training step; changes no number
 
         for path in args.plugin:
             load_plugin_file(path)

@@ -57,7 +57,9 @@ def run_cell_task(cell: Cell, cache_dir: str, device_type: str, cell_timeout: fl
     if key not in _RUNNER:  # a new run's first task in this worker: one runner (and its data) at a time
         import attacks  # noqa: F401  built-in plugins register on import, as in the driver
         import defenses  # noqa: F401
+        from benchmark.runtime import keep_freed_memory
 
+        keep_freed_memory()  # as the command line does
         _RUNNER.clear()
         _RUNNER[key] = LocalExecutor(cache_dir, device=torch.device(device_type), progress=False,
                                      cell_timeout=cell_timeout)
