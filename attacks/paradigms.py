@@ -68,7 +68,7 @@ def finetune(model: Classifier, data: ImageSet, cfg: TrainConfig, ctx: Context, 
     rest of the network after ``k`` frozen stages on the last frozen stage's outputs."""
     freeze.apply(model)
     if cfg.augment == "none" and not hooks.active and (freeze.head_only or freeze.stages):
-        model.to(ctx.device)
+        model.to(ctx.device).eval()  # the frozen part; ``train`` puts the trainable rest in train mode
         prefix, suffix = (model.features, model.head) if freeze.head_only else model.split(freeze.stages)
         outputs = frozen_outputs(prefix, data, ctx.device)
         if outputs is not None:

@@ -60,7 +60,8 @@ def ssim(x: torch.Tensor, y: torch.Tensor, *, window: int = 11, sigma: float = 1
     n, c, h, w = x.shape
     size = min(window, h - (1 - h % 2), w - (1 - w % 2))
     # the Gaussian window is separable: a valid 2-D blur is one banded matrix product per axis (float64)
-    rows, cols = band_matrix(gaussian_window(size, sigma), h), band_matrix(gaussian_window(size, sigma), w)
+    g = gaussian_window(size, sigma)
+    rows, cols = band_matrix(g, h), band_matrix(g, w)
     x, y = x.double(), y.double()
 
     def blur(t: torch.Tensor) -> torch.Tensor:

@@ -210,11 +210,11 @@ class _VitEmbed(nn.Module):
         self.parts = nn.ModuleList([net.patch_embed, net.patch_drop, net.norm_pre])
         # the network's tokens and position embedding (stem parameters): registered here too, used by _pos_embed
         self.tokens = nn.ParameterList([p for p in (net.cls_token, net.reg_token, net.pos_embed) if p is not None])
-        self.pos_embed = net._pos_embed  # a bound method
+        self.add_positions = net._pos_embed  # a bound method: class token and position embedding
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         patch_embed, patch_drop, norm_pre = self.parts
-        return norm_pre(patch_drop(self.pos_embed(patch_embed(x))))
+        return norm_pre(patch_drop(self.add_positions(patch_embed(x))))
 
 
 class _Head(nn.Module):
