@@ -109,3 +109,17 @@ def test_bad_options():
         configure(ATTACKS, "full_finetune:weights=imagenet")
     with pytest.raises(UEBenchError, match="pretrain_on=protected needs weights=sf"):
         configure(ATTACKS, "sf_pretrain:pretrain_on=protected,weights=supervised")
+
+
+@pytest.mark.parametrize("spec", ["frozen_shallow", "frozen_shallow:k=2", "sf_pretrain", "linear_probe"])
+@pytest.mark.parametrize("backbone", ["resnet_tiny", "mobilenet_tiny"])
+def test_a_frozen_part_run_once_trains_the_same_weights(spec, backbone, tiny_train, ctx, monkeypatch):
+    from attacks import paradigms
+
+    # two full batches an epoch: a batch of a single image takes another convolution kernel on the CPU
+    attack = configure(ATTACKS, spec, {"*": {**FAST, "epochs": 2, "batch_size": 20}}).plugin
+    once = _snapshot(attack.fit(tiny_train, backbone, ctx).model)
+    monkeypatch.setattr(paradigms, "FROZEN_OUTPUTS_MAX_BYTES", 0)  # the frozen part runs in every step
+    every_step = _snapshot(attack.fit(tiny_train, backbone, ctx).model)
+    differ = [n for n in once if not torch.equal(once[n], every_step[n])]
+    assert not differ, f"{spec} on {backbone}: frozen outputs computed once changed {differ[:3]}"
