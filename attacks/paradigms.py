@@ -68,8 +68,8 @@ def finetune(model: Classifier, data: ImageSet, cfg: TrainConfig, ctx: Context, 
     rest of the network after ``k`` frozen stages on the last frozen stage's outputs."""
     freeze.apply(model)
     if cfg.augment == "none" and not hooks.active and (freeze.head_only or freeze.stages):
-        # as ``train`` puts the model (channels_last weights pick the same kernels), the frozen part in eval
-        # mode; ``train`` puts the trainable rest in train mode
+        # the weights in channels_last, as ``train`` puts them (another format picks other kernels); the frozen
+        # part in eval mode (``train`` puts the trainable rest in train mode)
         model.to(device=ctx.device, memory_format=torch.channels_last).eval()
         prefix, suffix = (model.features, model.head) if freeze.head_only else model.split(freeze.stages)
         outputs = frozen_outputs(prefix, data, ctx.device)
