@@ -67,6 +67,7 @@ def finetune(model: Classifier, data: ImageSet, cfg: TrainConfig, ctx: Context, 
     frozen modules are in eval mode either way): the linear probe's head on the pooled features, the
     rest of the network after ``k`` frozen stages on the last frozen stage's outputs."""
     freeze.apply(model)
+    result = None
     if cfg.augment == "none" and not hooks.active and (freeze.head_only or freeze.stages):
         # the weights in channels_last, as ``train`` puts them (another format picks other kernels); the frozen
         # part in eval mode (``train`` puts the trainable rest in train mode)
@@ -76,10 +77,9 @@ def finetune(model: Classifier, data: ImageSet, cfg: TrainConfig, ctx: Context, 
         if outputs is not None:
             result = train(suffix, outputs, data.labels, cfg, device=ctx.device, seed=ctx.seed,
                            progress=ctx.progress, desc=desc)
-            return Fitted(model, train_accuracy=result.train_accuracy, epochs=cfg.epochs,
-                          trainable_parameters=trainable_parameters(model))
-    result = train(model, data.images, data.labels, cfg, device=ctx.device, seed=ctx.seed, progress=ctx.progress,
-                   desc=desc, batch_hook=hooks.batch_hook, loss_fn=hooks.loss_fn)
+    if result is None:
+        result = train(model, data.images, data.labels, cfg, device=ctx.device, seed=ctx.seed,
+                       progress=ctx.progress, desc=desc, batch_hook=hooks.batch_hook, loss_fn=hooks.loss_fn)
     return Fitted(model, train_accuracy=result.train_accuracy, epochs=cfg.epochs,
                   trainable_parameters=trainable_parameters(model))
 
