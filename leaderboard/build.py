@@ -185,13 +185,14 @@ def publish_run(out_dir: str | Path, cells: Sequence[Cell]) -> Published:
     return publish(cells_board(out_dir, cells), target, [target / "entries"])
 
 
-def preset_plan(name: str) -> list[Cell] | None:
-    """The planned cells of a preset, when it can be planned (its plugins are registered)."""
+def preset_plan(name: str, seeds: Sequence[int] | None = None) -> list[Cell] | None:
+    """The planned cells of a preset (with ``seeds`` in place of its own), when it can be planned (its
+    plugins are registered)."""
     from benchmark.plan import plan
     from benchmark.presets import load_preset
 
     try:
-        return plan(load_preset(name))
+        return plan(load_preset(name), seeds=seeds)
     except UEBenchError as exc:
         log.warning("cannot plan preset %r (%s); the expected grid is what the store holds", name, exc)
         return None

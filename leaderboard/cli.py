@@ -27,7 +27,9 @@ COMMANDS = ("leaderboard", "submit", "reproduce")
 
 def leaderboard_command(args: argparse.Namespace) -> int:
     if args.results:
-        cells = preset_plan(args.preset) if args.preset else None
+        if args.seeds and not args.preset:
+            raise UEBenchError("--seeds needs --preset (they replace the preset's seeds in its plan)")
+        cells = preset_plan(args.preset, args.seeds) if args.preset else None
         grid = plan_grid(cells) if cells is not None else None
         # publishing keeps the entries' planned cells the store lacks (a grid run in parts); that needs the plan
         planned = {c.key: c.defense.label for c in cells} if cells is not None else None
@@ -42,6 +44,8 @@ def leaderboard_command(args: argparse.Namespace) -> int:
     else:
         if args.publish:
             raise UEBenchError("--publish needs --results (entries are generated from a results store)")
+        if args.seeds:
+            raise UEBenchError("--seeds needs --results (the committed entries hold the seeds they were run with)")
         groups = None
         if args.preset:
             root = Path(args.entries)
@@ -70,6 +74,9 @@ def add_commands(sub: Any) -> None:
     lb.add_argument("--results", metavar="DIR", help="a results directory (with results.sqlite)")
     lb.add_argument("--out", metavar="DIR", help="output folder (default: RESULTS/leaderboard, or results/leaderboard)")
     lb.add_argument("--preset", help="only this preset (with --results: its plan is the expected grid)")
+    lb.add_argument("--seeds", nargs="+", type=int, metavar="N",
+                    help="with --results and --preset: the seeds of the expected grid, in place of the preset's "
+                         "(a store run with 'run --seeds 0 1 2'); cells of other seeds are left out")
     lb.add_argument("--entries", default=str(ENTRIES_DIR), metavar="DIR",
                     help="the committed entries folder (default: the package's leaderboard/entries)")
     lb.add_argument("--publish", action="store_true",

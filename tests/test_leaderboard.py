@@ -608,3 +608,31 @@ def test_publishing_a_grid_run_in_parts_keeps_the_cells_of_each_part(tmp_path, c
     assert run_benchmark.main(["leaderboard", "--results", str(tmp_path / "second"), "--preset", str(preset),
                                "--publish", "--entries", str(entries), "--out", str(tmp_path / "fifth-lb")]) == 0
     assert json.loads(other.read_text()) == e and "mine" not in caplog.text, caplog.text
+
+
+def test_leaderboard_seeds_widen_the_preset_grid(tmp_path, capsys):
+    """A store run with more seeds than its preset's is published whole with ``leaderboard --seeds``;
+    without it, the preset's own seeds are the grid."""
+    import run_benchmark
+
+    preset = tmp_path / "seeds.toml"
+    preset.write_text('extends = "quick"\nname = "seeds"\nbackbones = ["resnet_tiny"]\n'
+                      'defenses = ["clean", "random_noise"]\nattacks = ["scratch"]\n'
+                      '[dataset]\ntrain_size = 40\ntest_size = 20\nsource_size = 40\n'
+                      '[attack_protocol.scratch]\nepochs = 1\n')
+    out = str(tmp_path / "results")
+    assert run_benchmark.main(["run", "--preset", str(preset), "--out", out, "--seeds", "0", "1",
+                               "--no-progress"]) == 0, capsys.readouterr().err[-2000:]
+
+    def published_seeds(*seeds: str) -> list[int]:
+        entries = tmp_path / f"entries{len(seeds)}"
+        args = ["leaderboard", "--results", out, "--preset", str(preset), "--publish", "--entries", str(entries),
+                "--out", str(tmp_path / f"lb{len(seeds)}")]
+        assert run_benchmark.main(args + (["--seeds", *seeds] if seeds else [])) == 0
+        capsys.readouterr()
+        return sorted(r["seed"] for r in read_entry(entries / "seeds" / "random_noise.json")["results"])
+
+    assert published_seeds() == [0], "without --seeds the preset's seeds are the grid"
+    assert published_seeds("0", "1") == [0, 1], "--seeds 0 1 must publish both seeds"
+    assert run_benchmark.main(["leaderboard", "--results", out, "--seeds", "0"]) == 2
+    assert "--seeds needs --preset" in capsys.readouterr().err
