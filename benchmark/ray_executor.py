@@ -12,8 +12,10 @@ keeps its runner between tasks, so the data sets it loaded and the last protecte
   siblings (the other attacks and backbones of that defense and seed) wait in the driver, holding no
   worker, and are dispatched once it finishes, to load the set from the cache. Meanwhile the driver
   takes further cells, so other protected sets are built in parallel.
-- Leases stay meaningful: at most ``max_in_flight`` cells run and at most as many wait, and cells are
-  taken from the driver's stream only then (each is leased when taken).
+- Leases stay meaningful: at most ``max_in_flight`` cells run and at most ``WAIT_PER_SLOT`` times as many
+  wait, and cells are taken from the driver's stream only while a slot is free (each is leased when
+  taken). So the driver looks past the siblings of a set being built (a grid's cells of one protected
+  set come one after another) to a cell it can start now, and no slot idles while a set is built.
 - A worker that dies (killed, out of memory, a segfault) is retried ``max_retries`` times in a new
   worker; a cell whose task still dies is recorded as failed with the reason, never lost. A plugin's
   own exception is a failed record computed in the worker, as with ``LocalExecutor``.
@@ -39,6 +41,8 @@ from benchmark.plan import Cell
 from benchmark.store import CellRecord
 
 log = logging.getLogger(__name__)
+WAIT_PER_SLOT = 16  # cells held back per slot at most: a grid has one protected set per (defense, seed) for
+# its attacks x backbones (10 in quick), and each slot may be building one
 PLUGIN_FILE_MODULES = "uebench_plugin_"  # ``load_plugin_file`` names its modules so; workers cannot import them
 _RUNNER: dict[tuple[str, str, float | None], LocalExecutor] = {}  # in each worker: its runner, kept between tasks
 
@@ -193,7 +197,8 @@ class _Dispatch:
         self.building: dict[Any, str] = {}  # task -> the protected set it builds
 
     def can_take(self) -> bool:
-        return len(self.running) < self.slots and len(self.waiting) < self.slots
+        """A free slot, and room to hold back one more cell should it be the sibling of a set being built."""
+        return len(self.running) < self.slots and len(self.waiting) < WAIT_PER_SLOT * self.slots
 
     def take(self, cell: Cell) -> None:
         if cell.protected_key() in self.building.values():

@@ -175,3 +175,28 @@ def test_the_cells_in_flight_follow_the_cluster(tmp_path):
         RayExecutor(tmp_path, device=torch.device("cuda"))._slots(cluster)
     gpus = SimpleNamespace(cluster_resources=lambda: {"CPU": 8.0, "GPU": 3.0})
     assert RayExecutor(tmp_path, device=torch.device("cuda"))._slots(gpus) == 3, "one cell per GPU"
+
+
+def test_the_driver_looks_past_the_siblings_of_a_set_being_built(tmp_path):
+    """A grid's cells of one protected set come one after another; while the first builds the set, the
+    other slot takes the first cell of another set instead of idling behind its siblings."""
+    from benchmark.cache import Cache
+    from benchmark.ray_executor import WAIT_PER_SLOT, _Dispatch
+
+    class FakeCell:
+        def __init__(self, key: str) -> None:
+            self.key = key
+
+        def protected_key(self) -> str:
+            return self.key
+
+    submitted: list[str] = []
+    dispatch = _Dispatch(lambda cell: submitted.append(cell.key) or len(submitted), Cache(tmp_path), slots=2)
+    stream = iter([FakeCell("a")] * 10 + [FakeCell("b")] * 10)
+    while dispatch.can_take():
+        dispatch.take(next(stream))
+    assert submitted == ["a", "b"], f"the second slot must build set b, not wait behind a's siblings: {submitted}"
+    assert len(dispatch.waiting) == 9 and len(dispatch.waiting) <= WAIT_PER_SLOT * 2
+    dispatch.finish(1)  # set a is built (in the cache or not, its builder is done): a sibling takes the slot
+    dispatch.release()
+    assert submitted == ["a", "b", "a"], submitted
