@@ -97,17 +97,16 @@ class Classifier(nn.Module):
         super().__init__()
         self.net = net
         self.spec = spec
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        self.normalize = Normalize(torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1))
         self._frozen: set[str] = set()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net((x - self.mean) / self.std)
+        return self.net(self.normalize(x))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled features before the classifier layer."""
         net = self.net
-        return net.forward_head(net.forward_features((x - self.mean) / self.std), pre_logits=True)
+        return net.forward_head(net.forward_features(self.normalize(x)), pre_logits=True)
 
     @property
     def head(self) -> nn.Module:
@@ -173,7 +172,7 @@ class Classifier(nn.Module):
             raise UEBenchError(f"{self.spec.name}: no split for family {family!r}")
         if len(stages) != n:
             raise UEBenchError(f"{self.spec.name}: {len(stages)} stage modules, but {n} parameter stages")
-        prefix = nn.Sequential(_Normalize(self.mean, self.std), *stem, *stages[:k])
+        prefix = nn.Sequential(self.normalize, *stem, *stages[:k])
         suffix = nn.Sequential(*stages[k:], *neck, _Head(net, head))
         return prefix, suffix
 
@@ -189,8 +188,8 @@ class Classifier(nn.Module):
         return self
 
 
-class _Normalize(nn.Module):
-    """The input normalization of a ``Classifier`` as a module (the first layer of its ``split`` prefix)."""
+class Normalize(nn.Module):
+    """The input normalization of a ``Classifier`` (also the first layer of its ``split`` prefix)."""
 
     def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         super().__init__()

@@ -58,13 +58,13 @@ def _index(model: Classifier, k: int) -> int:
 
 def shallow_features(model: Classifier, x: torch.Tensor, k: int) -> torch.Tensor:
     """h_s(x): the N x C x H x W output of the stem and the first ``k`` stages (x in [0, 1])."""
-    xn = ((x - model.mean) / model.std).contiguous(memory_format=torch.channels_last)
+    xn = model.normalize(x).contiguous(memory_format=torch.channels_last)
     return model.net.forward_intermediates(xn, indices=[_index(model, k)], intermediates_only=True)[0]
 
 
 def forward_with_shallow(model: Classifier, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, h_s(x)) in one forward pass."""
-    xn = ((x - model.mean) / model.std).contiguous(memory_format=torch.channels_last)
+    xn = model.normalize(x).contiguous(memory_format=torch.channels_last)
     feats, inter = model.net.forward_intermediates(xn, indices=[_index(model, k)])
     return model.net.forward_head(feats), inter[0]
 

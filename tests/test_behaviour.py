@@ -38,7 +38,7 @@ GRID = {
         "em": {"batch_size": 32, "train_steps": 2, "max_rounds": 2},
         "tap": {"surrogate_epochs": 1, "steps": 2, "batch_size": 32, "surrogate_batch_size": 32},
         "rem": {"train_steps": 2, "steps": 1, "batch_size": 32},
-        "bait": {"epochs": 3, "batch_size": 32, "train_portion": 1.0},
+        "bait": {"epochs": 3, "batch_size": 32, "train_portion": 1.0, "surrogate_steps": 3},
         "ssc": {"rounds": 2, "train_steps": 2, "pgd_steps": 1, "batch_size": 32, "class_subset": 1.0},
     },
     "attack_protocol": {"*": {"epochs": 1, "batch_size": 32}},
