@@ -36,7 +36,7 @@ import torch
 from benchmark.cache import Cache
 from benchmark.child import check_timeout
 from benchmark.errors import UEBenchError
-from benchmark.execute import Executor, LocalExecutor
+from benchmark.execute import Executor, LocalExecutor, log_certificate
 from benchmark.plan import Cell
 from benchmark.store import CellRecord
 
@@ -102,6 +102,7 @@ class RayExecutor(Executor):
         # and writes the record of a cell whose task died
         self._driver = LocalExecutor(cache_dir, device=torch.device("cpu"), progress=False)
         self.cache = Cache(self.cache_dir)  # the driver's plan log reads what it holds
+        self._told: set[str] = set()  # protected sets whose certificate the driver has logged
 
     def _start(self, ray: Any) -> bool:
         """Connect to the cluster or start a local instance; True if this executor did (and so ends it)."""
@@ -170,15 +171,23 @@ class RayExecutor(Executor):
 
     def _result(self, ray: Any, ref: Any, cell: Cell, started: float, start: float) -> CellRecord:
         """The task's record; a failed one when the task raised, or its worker died more often than it may
-        be retried (killed, out of memory, a segfault, its node lost)."""
+        be retried (killed, out of memory, a segfault, its node lost). The first record of each protected
+        set logs its certificate's verdict here, as the local executor does (a worker's log stays in it)."""
         try:
-            return ray.get(ref)
+            record = ray.get(ref)
         except ray.exceptions.RayTaskError as exc:  # raised outside the plugins' calls (those fail in the record)
             error = f"{type(exc.cause).__name__}: {exc.cause}"
         except ray.exceptions.RayError as exc:
             lines = [line for line in str(exc).splitlines() if line.strip()]
             error = (f"its Ray worker died in each of {self.max_retries + 1} attempts: {type(exc).__name__}: "
                      f"{lines[0] if lines else ''}")
+        else:
+            key = cell.protected_key()
+            perturbation = (record.metrics or {}).get("perturbation")
+            if perturbation is not None and key not in self._told:  # the worker's log stays in the worker
+                self._told.add(key)
+                log_certificate(cell.defense.label, cell.seed, perturbation.get("certificate"))
+            return record
         log.error("cell %s failed: %s", cell.describe(), error)
         return self._driver.failed(cell, error, started=started, start=start)
 

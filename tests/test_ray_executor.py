@@ -46,12 +46,17 @@ def _ray(out, **kwargs) -> RayExecutor:
     return RayExecutor(out / "cache", device=torch.device("cpu"), num_cpus=2, progress=False, **kwargs)
 
 
-def test_ray_gives_the_local_executors_results(tmp_path):
+def test_ray_gives_the_local_executors_results(tmp_path, caplog):
     cells = plan(preset_from_dict(dict(GRID)))
     assert len(cells) == 4, [c.describe() for c in cells]
     local = run_grid(cells, tmp_path / "local", LocalExecutor(tmp_path / "local" / "cache", device=torch.device("cpu"),
                                                              progress=False))
+    caplog.clear()
+    caplog.set_level("INFO", logger="benchmark")
     remote = run_grid(cells, tmp_path / "ray", _ray(tmp_path / "ray", cell_timeout=300))  # cells in the workers' children
+    verdicts = sorted(r.getMessage() for r in caplog.records if "certificate" in r.getMessage())
+    assert verdicts == [f"{d} (seed 0): no certificate (the defense has no objective it reports)"
+                        for d in ("clean", "random_noise")], f"the driver must log each set's verdict once: {verdicts}"
     by_key = {r.key: r for r in local.ran}
     assert sorted(by_key) == sorted(r.key for r in remote.ran), "the Ray run must return one record per cell"
     for rec in remote.ran:
