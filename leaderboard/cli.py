@@ -14,6 +14,7 @@ from typing import Any
 
 from benchmark.child import check_timeout
 from benchmark.errors import UEBenchError
+from benchmark.plan import check_seeds
 from benchmark.presets import Preset
 from leaderboard.build import board_from_store, plan_grid, preset_plan, publish, update_readme
 from leaderboard.entries import ENTRIES_DIR, load_entries
@@ -29,6 +30,8 @@ def leaderboard_command(args: argparse.Namespace) -> int:
     if args.results:
         if args.seeds and not args.preset:
             raise UEBenchError("--seeds needs --preset (they replace the preset's seeds in its plan)")
+        if args.seeds:
+            check_seeds(args.seeds)  # here, not in preset_plan, whose errors mean "plan from the store"
         cells = preset_plan(args.preset, args.seeds) if args.preset else None
         grid = plan_grid(cells) if cells is not None else None
         # publishing keeps the entries' planned cells the store lacks (a grid run in parts); that needs the plan

@@ -636,3 +636,5 @@ def test_leaderboard_seeds_widen_the_preset_grid(tmp_path, capsys):
     assert published_seeds("0", "1") == [0, 1], "--seeds 0 1 must publish both seeds"
     assert run_benchmark.main(["leaderboard", "--results", out, "--seeds", "0"]) == 2
     assert "--seeds needs --preset" in capsys.readouterr().err
+    assert run_benchmark.main(["leaderboard", "--results", out, "--preset", str(preset), "--seeds", "0", "-1"]) == 2
+    assert "seeds must be one or more integers" in capsys.readouterr().err
