@@ -266,8 +266,9 @@ def _check_folders(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from benchmark.runtime import log_to_stderr
+
+    log_to_stderr(logging.DEBUG if args.verbose else logging.INFO)
     try:
         import attacks  # noqa: F401  built-in plugins register on import
         import defenses  # noqa: F401

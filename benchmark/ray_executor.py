@@ -55,15 +55,18 @@ def import_ray() -> Any:
     return ray
 
 
-def run_cell_task(cell: Cell, cache_dir: str, device_type: str, cell_timeout: float | None) -> CellRecord:
-    """A Ray task: the cell's record, computed by this worker's runner (Ray assigns the GPU: ``cuda``)."""
+def run_cell_task(cell: Cell, cache_dir: str, device_type: str, cell_timeout: float | None,
+                  log_level: int = logging.WARNING) -> CellRecord:
+    """A Ray task: the cell's record, computed by this worker's runner (Ray assigns the GPU: ``cuda``).
+    The worker logs at the driver's ``log_level`` to its stderr, which Ray shows in the driver's output."""
     key = (cache_dir, device_type, cell_timeout)
     if key not in _RUNNER:  # a new run's first task in this worker: one runner (and its data) at a time
         import attacks  # noqa: F401  built-in plugins register on import, as in the driver
         import defenses  # noqa: F401
-        from benchmark.runtime import keep_freed_memory
+        from benchmark.runtime import keep_freed_memory, log_to_stderr
 
         keep_freed_memory()  # as the command line does
+        log_to_stderr(log_level)
         _RUNNER.clear()
         _RUNNER[key] = LocalExecutor(cache_dir, device=torch.device(device_type), progress=False,
                                      cell_timeout=cell_timeout)
@@ -146,7 +149,9 @@ class RayExecutor(Executor):
                     ray.cloudpickle.register_pickle_by_value(module)
             resources = {"num_gpus": 1} if self.device.type == "cuda" else {"num_cpus": self.cpus_per_cell}
             task = ray.remote(run_cell_task).options(max_retries=self.max_retries, **resources)
-            dispatch = _Dispatch(lambda cell: task.remote(cell, self.cache_dir, self.device.type, self.cell_timeout),
+            level = logging.getLogger().getEffectiveLevel()  # the workers log as the driver does
+            dispatch = _Dispatch(lambda cell: task.remote(cell, self.cache_dir, self.device.type, self.cell_timeout,
+                                                          level),
                                  self.cache, self._slots(ray))
             stream, exhausted = itertools.chain([first], stream), False
             while True:
@@ -172,7 +177,8 @@ class RayExecutor(Executor):
     def _result(self, ray: Any, ref: Any, cell: Cell, started: float, start: float) -> CellRecord:
         """The task's record; a failed one when the task raised, or its worker died more often than it may
         be retried (killed, out of memory, a segfault, its node lost). The first record of each protected
-        set logs its certificate's verdict here, as the local executor does (a worker's log stays in it)."""
+        set logs its certificate's verdict here too, in the driver's own log: the worker that built the set
+        logged it to its stderr, which reaches the driver's output only as Ray's forwarded text."""
         try:
             record = ray.get(ref)
         except ray.exceptions.RayTaskError as exc:  # raised outside the plugins' calls (those fail in the record)
@@ -184,7 +190,7 @@ class RayExecutor(Executor):
         else:
             key = cell.protected_key()
             perturbation = (record.metrics or {}).get("perturbation")
-            if perturbation is not None and key not in self._told:  # the worker's log stays in the worker
+            if perturbation is not None and key not in self._told:
                 self._told.add(key)
                 log_certificate(cell.defense.label, cell.seed, perturbation.get("certificate"))
             return record

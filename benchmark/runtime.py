@@ -5,7 +5,7 @@ the next step, so every training step pays page faults for its activations (4 mi
 epochs of 5,120 images on ``resnet_tiny``, a fifth of the step time as system time). ``keep_freed_memory``
 raises glibc's thresholds so that freed blocks stay in the heap for the next step. Only the command
 line and the Ray workers call it (library code never changes process-wide settings); forked cell
-children inherit it.
+children inherit it. ``log_to_stderr`` is the log format of the command line and of the Ray workers.
 """
 
 from __future__ import annotations
@@ -37,3 +37,10 @@ def keep_freed_memory() -> bool:
         log.debug("mallopt is not available: %s", exc)
         return False
     return ok
+
+
+def log_to_stderr(level: int) -> None:
+    """Log at ``level`` to stderr as ``12:00:00 INFO name: message``: the command line, and each Ray worker
+    at the driver's level (a worker's stderr reaches the driver's output; a worker has no log handler and
+    would drop its generators' INFO lines). A process that has a root handler already keeps its own."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")

@@ -205,3 +205,22 @@ def test_the_driver_looks_past_the_siblings_of_a_set_being_built(tmp_path):
     dispatch.finish(1)  # set a is built (in the cache or not, its builder is done): a sibling takes the slot
     dispatch.release()
     assert submitted == ["a", "b", "a"], submitted
+
+
+def test_the_workers_log_at_the_drivers_level(tmp_path, caplog):
+    """A worker has no log handler of its own: it logs at the driver's level to its stderr, which Ray
+    shows in the driver's output (here read from the session's worker logs)."""
+    from pathlib import Path
+
+    caplog.set_level("INFO")  # the driver's root level, which the workers take
+    cells = plan(preset_from_dict(dict(GRID, defenses=["clean"], attacks=["scratch"])))
+    ray.init(num_cpus=1, include_dashboard=False, configure_logging=False)  # the caller's session: left running
+    try:
+        result = run_grid(cells, tmp_path, _ray(tmp_path))
+        assert [r.status for r in result.ran] == ["ok"], [r.error for r in result.ran]
+        logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+        lines = [line for f in logs.glob("worker-*.err") for line in f.read_text(errors="replace").splitlines()]
+    finally:
+        ray.shutdown()
+    assert any(" INFO benchmark.execute: loading data set shapes" in line for line in lines), \
+        f"the worker must log the driver's INFO lines: {[line for line in lines if 'INFO' in line][:5]}"
