@@ -223,7 +223,7 @@ def _pretrain(args: argparse.Namespace) -> int:
         raise UEBenchError(f"{dataset.name} has no source pool to pretrain on (its pretrained victims use timm "
                            f"weights)")
     zoo = Zoo(args.cache_dir or Path(args.out) / "cache", pool=splits.source,
-              pool_key={**dataset.key(), "split": "source"}, config=config, device=device,
+              pool_key={**dataset.source_key(), "split": "source"}, config=config, device=device,
               progress=not args.no_progress)
     jobs = [(b, s) for b in backbones for s in args.sources]
     for backbone, source in tqdm(jobs, desc="zoo", unit="backbone", disable=args.no_progress):

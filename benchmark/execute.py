@@ -132,7 +132,7 @@ class LocalExecutor(Executor):
         splits = self.splits(cell.dataset)
         handout = handout or Handout(f"defense {cell.defense.label!r}")
         source = None if splits.source is None else handout.copy(splits.source, "the source pool")
-        zoo = Zoo(self.cache.root, pool=source, pool_key={**cell.dataset.key(), "split": "source"},
+        zoo = Zoo(self.cache.root, pool=source, pool_key={**cell.dataset.source_key(), "split": "source"},
                   config=cell.zoo, device=self.device, progress=self.progress)
         if defense and cell.surrogate_threat_model == "transfer":
             zoo = zoo.transfer()

@@ -2,8 +2,11 @@
 
 A cell is one (dataset, defense, attack, backbone, seed). Its key is a hash of the fully resolved
 configs plus the protocol version: change any field and the cell is recomputed, change nothing and
-it is reused. The zoo recipe enters a key only through the sources the cell's plugins declare
-(``Plugin.zoo_sources``), never through a search of their config values.
+it is reused. A cell's seed seeds its generator and its victim, and draws its training sample
+(``DatasetConfig.for_seed``: seed s samples with ``train_seed + s``; the test set and the source
+pool, and so the zoo, are the same for every seed). The zoo recipe enters a key only through the
+sources the cell's plugins declare (``Plugin.zoo_sources``), never through a search of their config
+values.
 
 A cell's surrogate threat model (``white-box`` | ``transfer``, ``benchmark.zoo``) applies to the
 defenses that declare zoo sources (their surrogate's weights); ``surrogate_threat_model`` says which a
@@ -137,7 +140,8 @@ def plan(preset: Preset, *, dataset: DatasetConfig | None = None, defenses: Sequ
         defs = [replace(d, label=f"{d.label}[transfer]") if d.plugin.zoo_sources() else d for d in defs]
     zoo = pretrain_config(preset.zoo)
     info = PresetInfo.of(preset)
-    return [Cell(preset.name, ds, d, atks[b][i], b, s, zoo, info, threat)
+    data = {s: ds.for_seed(s) for s in seed_list}  # a seed draws its own training sample (seed 0: ds's own)
+    return [Cell(preset.name, data[s], d, atks[b][i], b, s, zoo, info, threat)
             for s in seed_list for d in defs for i in range(len(atk_specs)) for b in bbs]
 
 

@@ -95,3 +95,15 @@ def test_readme_preset_example_is_a_valid_preset(tmp_path):
     assert cells[("scratch", "resnet_tiny")].zoo.supervised.epochs == 4, "the zoo override did not apply"
     assert cells[("scratch", "resnet_tiny")].zoo.supervised.lr == PRESETS["quick"].zoo["supervised"]["lr"], \
         "a zoo override must keep the base preset's other fields"
+
+
+def test_a_seed_moves_the_training_sample_but_not_the_zoo():
+    from benchmark.plan import plan
+
+    preset = PRESETS.get("quick")
+    cells = plan(preset, defenses=["clean"], attacks=["scratch"], backbones=["resnet_tiny"], seeds=[0, 3])
+    zero, three = cells
+    assert zero.dataset.key() == preset.dataset.key(), "seed 0's data keys must stay those written before"
+    assert (zero.dataset.train_seed, three.dataset.train_seed) == (0, 3), "seed s must draw sample 0 + s"
+    assert zero.protected_key() != three.protected_key() and zero.key != three.key
+    assert three.dataset.source_key() == preset.dataset.source_key(), "every seed pretrains on one source pool"

@@ -120,6 +120,36 @@ def test_fashion_mnist_source_pool_is_disjoint_from_train(tmp_path):
     assert max(train | source) < 100, "train/source images must come from the training file only"
 
 
+def test_a_seed_draws_its_own_fashion_mnist_training_sample(tmp_path):
+    """Seed 0's sample is the config's own (its keys unchanged); another seed's is drawn outside the source
+    pool, which stays the same (so does the zoo pretrained on it), as does the test set."""
+    write_fashion(tmp_path, n_train=100)
+    cfg = DatasetConfig("fashion-mnist", train_size=20, test_size=10, source_size=30, data_root=str(tmp_path))
+    assert cfg.for_seed(0).key() == cfg.key(), "seed 0's keys must be those of the config's own sample"
+    base, other = load_dataset(cfg.for_seed(0)), load_dataset(cfg.for_seed(1))
+    assert torch.equal(base.train.images, load_dataset(cfg).train.images)
+    train0, train1 = image_keys(base.train.images), image_keys(other.train.images)
+    assert len(train1) == 20 and train1 != train0, "seed 1 must protect another sample"
+    assert image_keys(other.source.images) == image_keys(base.source.images), "the source pool must not move"
+    assert torch.equal(other.test.images, base.test.images), "the test set must not move"
+    assert not train1 & image_keys(other.source.images), "seed 1's protected images must stay out of the source pool"
+    assert other.train.labels.bincount(minlength=10).tolist() == [2] * 10, "seed 1's sample must stay balanced"
+    assert cfg.for_seed(1).key() != cfg.key() and cfg.for_seed(1).source_key() == cfg.source_key(), \
+        "another sample needs other keys, but the same source pool key (the same zoo)"
+
+
+def test_a_seed_generates_its_own_shapes_and_checks_its_range():
+    cfg = DatasetConfig("shapes", train_size=20, test_size=10, source_size=24)
+    base, other = load_dataset(cfg.for_seed(0)), load_dataset(cfg.for_seed(2))
+    assert not torch.equal(base.train.images, other.train.images), "seed 2 must generate other training images"
+    assert torch.equal(base.test.images, other.test.images) and torch.equal(base.source.images, other.source.images)
+    assert cfg.for_seed(2).train_seed == 2 and DatasetConfig("shapes", sample_seed=5).for_seed(2).train_seed == 7
+    with pytest.raises(UEBenchError, match=r"seed 1 draws the training sample with seed 2147483647 \+ 1"):
+        DatasetConfig("shapes", sample_seed=2**31 - 1).for_seed(1)
+    with pytest.raises(UEBenchError, match=r"train_sample_seed=-1 must be an integer in \[0, 2147483647\]"):
+        DatasetConfig("shapes", train_sample_seed=-1)
+
+
 def test_fashion_mnist_gzip_detected_by_content(tmp_path):
     write_idx(tmp_path / "x-idx1-ubyte", np.arange(5), gz=True)  # gzipped without the .gz suffix
     assert read_idx(tmp_path / "x-idx1-ubyte").tolist() == [0, 1, 2, 3, 4], "gzip without suffix not read"

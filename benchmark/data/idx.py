@@ -66,16 +66,25 @@ def _read_fashion_split(root: Path, prefix: str) -> ImageSet:
     return ImageSet(images, torch.from_numpy(y.astype(np.int64)), FASHION_MNIST_CLASSES, f"fashion-mnist-{prefix}")
 
 
+def _mask(data: ImageSet, indices: torch.Tensor) -> torch.Tensor:
+    mask = torch.zeros(len(data), dtype=torch.bool)
+    mask[indices] = True
+    return mask
+
+
 @DATASETS.register("fashion-mnist")
 def _load_fashion_mnist(cfg: DatasetConfig) -> Splits:
     root = Path(cfg.data_root or FASHION_MNIST_DIR)
     if not root.is_dir():
         raise UEBenchError(f"Fashion-MNIST folder {root} does not exist. {_INSTALL_FASHION_MNIST}")
     full_train, full_test = _read_fashion_split(root, "train"), _read_fashion_split(root, "t10k")
+    # the source pool avoids the training sample of sample_seed; a training sample of another seed (a cell's
+    # seed moves it) is drawn from the images outside the source pool, so the zoo is the same for all seeds
     train, used = balanced_subset(full_train, cfg.train_size, cfg.sample_seed)
-    mask = torch.zeros(len(full_train), dtype=torch.bool)
-    mask[used] = True
-    source, _ = balanced_subset(full_train, cfg.source_size, cfg.sample_seed + 1, exclude=mask)
+    source, in_source = balanced_subset(full_train, cfg.source_size, cfg.sample_seed + 1,
+                                        exclude=_mask(full_train, used))
+    if cfg.train_seed != cfg.sample_seed:
+        train, _ = balanced_subset(full_train, cfg.train_size, cfg.train_seed, exclude=_mask(full_train, in_source))
     test, _ = balanced_subset(full_test, cfg.test_size, cfg.sample_seed)
     return Splits(replace(train, name="fashion-mnist-train"), replace(test, name="fashion-mnist-test"),
                   replace(source, name="fashion-mnist-source") if len(source) else None)

@@ -7,7 +7,7 @@ such as ``hf:<name-or-path>`` serves every name with its prefix.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -16,6 +16,7 @@ from benchmark.errors import UEBenchError
 from benchmark.registry import Registry
 
 SIZE_MAX = 10_000_000  # images in one split: more than any supported data set holds
+SAMPLE_SEED_MAX = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,9 @@ class DatasetConfig:
     image_column: str = "image"   # hf: only
     label_column: str = "label"   # hf: only
     verify_checksums: bool = True  # cifar/svhn: files must match torchvision's md5 checksums
+    # seed of the training sample (the images a defense protects); None: ``sample_seed``. A cell of seed s
+    # draws it with seed ``train_seed + s`` (``for_seed``); the test set and the source pool keep ``sample_seed``
+    train_sample_seed: int | None = None
 
     def __post_init__(self) -> None:
         """Types and ranges, checked when a preset or the command line makes the config (before any work)."""
@@ -89,9 +93,13 @@ class DatasetConfig:
                 raise UEBenchError(f"dataset {self.name!r}: {name}={n!r} must be an integer in [1, {SIZE_MAX}] (or "
                                    f"unset for the whole split); a class-balanced sample also needs at least one "
                                    f"image per class")
-        seed = self.sample_seed
-        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= 2**31 - 1:
-            raise UEBenchError(f"dataset {self.name!r}: sample_seed={seed!r} must be an integer in [0, {2**31 - 1}]")
+        for name in ("sample_seed", "train_sample_seed"):
+            seed = getattr(self, name)
+            if name == "train_sample_seed" and seed is None:
+                continue
+            if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= SAMPLE_SEED_MAX:
+                raise UEBenchError(f"dataset {self.name!r}: {name}={seed!r} must be an integer in [0, "
+                                   f"{SAMPLE_SEED_MAX}]")
         texts = {"name": self.name, "image_column": self.image_column, "label_column": self.label_column}
         for name, value in texts.items():
             if not isinstance(value, str) or not value.strip():
@@ -102,18 +110,39 @@ class DatasetConfig:
             if not isinstance(getattr(self, name), bool):
                 raise UEBenchError(f"dataset {self.name!r}: {name}={getattr(self, name)!r} must be true or false")
 
+    @property
+    def train_seed(self) -> int:
+        """The seed the training sample is drawn (or generated) with."""
+        return self.sample_seed if self.train_sample_seed is None else self.train_sample_seed
+
+    def for_seed(self, seed: int) -> DatasetConfig:
+        """The data of a cell of seed ``seed``: its own training sample (seed ``train_seed + seed``), the
+        same test set and source pool; seed 0 is this config's own sample."""
+        if self.train_seed + seed > SAMPLE_SEED_MAX:
+            raise UEBenchError(f"dataset {self.name!r}: seed {seed} draws the training sample with seed "
+                               f"{self.train_seed} + {seed}, above {SAMPLE_SEED_MAX}")
+        return replace(self, train_sample_seed=self.train_seed + seed)
+
     def key(self) -> dict:
         """The fields that decide the content (the location of files does not).
 
         Unverified files may differ from the official release, so ``verify_checksums=False`` enters
-        the key; the default is left out, which keeps the keys of verified data unchanged.
+        the key; the default is left out, which keeps the keys of verified data unchanged. So is a
+        training sample drawn with ``sample_seed`` itself (a seed-0 cell's): its keys are those written
+        before the training sample had a seed of its own.
         """
         d = asdict(self)
         d.pop("data_root")
         d.pop("download")
         if d["verify_checksums"]:
             d.pop("verify_checksums")
+        if self.train_seed == self.sample_seed:
+            d.pop("train_sample_seed")
         return d
+
+    def source_key(self) -> dict:
+        """The key of the source pool (the zoo's): the training sample's seed does not change it."""
+        return replace(self, train_sample_seed=None).key()
 
 
 Loader = Callable[[DatasetConfig], Splits]
