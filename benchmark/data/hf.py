@@ -66,7 +66,6 @@ def _load_hf(cfg: DatasetConfig) -> Splits:
                                f"outside [0, {len(classes)}) (unlabelled rows?)")
     out = {}
     for split, n in (("train", cfg.train_size), ("test", cfg.test_size)):
-        seed = cfg.train_seed if split == "train" else cfg.sample_seed
-        idx = balanced_indices(labels[split], classes, n, seed, name=f"{cfg.name}-{split}")
+        idx = balanced_indices(labels[split], classes, n, cfg.split_seed(split), name=f"{cfg.name}-{split}")
         out[split] = ImageSet(_hf_images(dd[split], cfg, idx), labels[split][idx], classes, f"{cfg.name}-{split}")
     return Splits(out["train"], out["test"], None)

@@ -115,6 +115,11 @@ class DatasetConfig:
         """The seed the training sample is drawn (or generated) with."""
         return self.sample_seed if self.train_sample_seed is None else self.train_sample_seed
 
+    def split_seed(self, split: str) -> int:
+        """The seed a split is drawn (or generated) with: the training sample's own, else ``sample_seed``
+        (the test set and the source pool are the same for every cell seed)."""
+        return self.train_seed if split == "train" else self.sample_seed
+
     def for_seed(self, seed: int) -> DatasetConfig:
         """The data of a cell of seed ``seed``: its own training sample (seed ``train_seed + seed``), the
         same test set and source pool; seed 0 is this config's own sample."""

@@ -11,9 +11,8 @@ def _load_shapes(cfg: DatasetConfig) -> Splits:
     defaults = {"train": 10_000, "test": 2_000, "source": 20_000}
     sizes = {"train": cfg.train_size, "test": cfg.test_size, "source": cfg.source_size}
     out = {}
-    for split, n in sizes.items():  # the training sample has a seed of its own (a cell's seed moves it)
-        seed = cfg.train_seed if split == "train" else cfg.sample_seed
-        images, labels, classes = shapes.generate(split, defaults[split] if n is None else n, seed)
+    for split, n in sizes.items():
+        images, labels, classes = shapes.generate(split, defaults[split] if n is None else n, cfg.split_seed(split))
         out[split] = ImageSet(images, labels, classes, f"shapes-{split}")
     return Splits(out["train"], out["test"], out["source"])
 

@@ -137,8 +137,8 @@ def _load_torchvision(cfg: DatasetConfig) -> Splits:
     except (RuntimeError, OSError) as exc:  # a failed download, an unreadable file
         raise UEBenchError(f"{cfg.name}: {exc} (folder {str(root)!r}; pass --data-root, or --download "
                            f"where the network allows)") from exc
-    train, _ = balanced_subset(train_full, cfg.train_size, cfg.train_seed)
-    test, _ = balanced_subset(test_full, cfg.test_size, cfg.sample_seed)
+    train, _ = balanced_subset(train_full, cfg.train_size, cfg.split_seed("train"))
+    test, _ = balanced_subset(test_full, cfg.test_size, cfg.split_seed("test"))
     return Splits(train, test, None)
 
 
