@@ -16,7 +16,7 @@ import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import pandas as pd
 
@@ -149,10 +149,11 @@ def with_published_cells(cells: pd.DataFrame, entries_dir: str | Path, planned: 
 def board_from_store(results_dir: str | Path, *, keys: Sequence[str] | None = None, preset: str | None = None,
                      grid: pd.DataFrame | None = None, presets: dict[str, dict] | None = None,
                      metadata_fallback: str | Path | None = ENTRIES_DIR,
-                     published: tuple[str | Path, Mapping[str, str]] | None = None) -> Leaderboard:
-    """The board of a store's cells (only ``keys``, ``preset`` and ``grid``'s coordinates, when given);
-    ``published`` = (entries folder, planned key -> defense label) adds the planned cells of those
-    entries that the store lacks (``with_published_cells``)."""
+                     published: tuple[str | Path, Mapping[str, str]] | None = None,
+                     defenses: Collection[str] | None = None) -> Leaderboard:
+    """The board of a store's cells (only ``keys``, ``preset``, ``grid``'s coordinates and the
+    ``defenses`` labels, when given); ``published`` = (entries folder, planned key -> defense label)
+    adds the planned cells of those entries that the store lacks (``with_published_cells``)."""
     path = Path(results_dir) / "results.sqlite"
     if not path.is_file():
         raise UEBenchError(f"no results store at {path}; run 'run_benchmark.py run --out {results_dir}' first")
@@ -163,6 +164,8 @@ def board_from_store(results_dir: str | Path, *, keys: Sequence[str] | None = No
     if grid is not None and not cells.empty:  # extra cells in the store (other seeds, controls) are not the grid's
         planned = grid[["group", *CELL_KEYS]].drop_duplicates()
         cells = cells.merge(planned, on=["group", *CELL_KEYS], how="inner")
+    if defenses is not None:  # defenses the plan does not run (variants, other threat models) are not its board's
+        cells = cells[cells["defense"].isin(set(defenses))].reset_index(drop=True)
     if published is not None and not cells.empty:
         cells = with_published_cells(cells, *published)
     if cells.empty:

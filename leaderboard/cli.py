@@ -41,7 +41,7 @@ def leaderboard_command(args: argparse.Namespace) -> int:
         published = (args.entries, planned) if args.publish and planned is not None else None
         name = cells[0].preset if cells else args.preset  # a .toml file's cells carry its name
         board = board_from_store(args.results, preset=name, grid=grid, metadata_fallback=args.entries,
-                                 published=published)
+                                 published=published, defenses=set(planned.values()) if planned else None)
         out = Path(args.out or Path(args.results) / "leaderboard")
         published = publish(board, out, [out / "entries"] + ([args.entries] if args.publish else []))
     else:
@@ -76,7 +76,8 @@ def add_commands(sub: Any) -> None:
                                     "(and into --entries with --publish).")
     lb.add_argument("--results", metavar="DIR", help="a results directory (with results.sqlite)")
     lb.add_argument("--out", metavar="DIR", help="output folder (default: RESULTS/leaderboard, or results/leaderboard)")
-    lb.add_argument("--preset", help="only this preset (with --results: its plan is the expected grid)")
+    lb.add_argument("--preset", help="only this preset (with --results: its plan is the expected grid, and cells of "
+                         "the store's other defenses, attacks, backbones or seeds are left out)")
     lb.add_argument("--seeds", nargs="+", type=int, metavar="N",
                     help="with --results and --preset: the seeds of the expected grid, in place of the preset's "
                          "(a store run with 'run --seeds 0 1 2'); cells of other seeds are left out")

@@ -152,6 +152,20 @@ def test_a_preset_grid_leaves_out_extra_cells_of_the_store(tmp_path):
     assert row(board, "random_noise")["worst_accuracy"] == pytest.approx(70.0), "extra cells changed the score"
 
 
+def test_a_preset_plan_leaves_out_the_stores_other_defenses(tmp_path):
+    """A variant or another threat model's row run into the same store is not the preset's (its plan names
+    the defenses); without the plan's defenses the store's rows all count."""
+    extra = [record("random_noise[transfer]", a, "b1", 0, 5.0) for a in ("scratch", "linear_probe")]
+    make_store(tmp_path, extra=extra)
+    grid = pd.DataFrame([{"group": "t", "attack": a, "backbone": "b1", "seed": 0}
+                         for a in ("scratch", "linear_probe")])
+    planned = {"clean", "random_noise", "random_noise(mode=class)"}
+    board = board_from_store(tmp_path, preset="t", grid=grid, presets={}, metadata_fallback=None, defenses=planned)
+    assert set(board.cells["defense"]) == planned, f"a defense outside the plan entered: {set(board.cells['defense'])}"
+    everything = board_from_store(tmp_path, preset="t", grid=grid, presets={}, metadata_fallback=None)
+    assert "random_noise[transfer]" in set(everything.cells["defense"]), "without a plan the store's rows all count"
+
+
 def test_unfinished_grids_are_flagged_not_ranked(tmp_path):
     rows = dict(GRID)
     del rows[("random_noise", "linear_probe", "b1")]
@@ -623,6 +637,9 @@ def test_leaderboard_seeds_widen_the_preset_grid(tmp_path, capsys):
     out = str(tmp_path / "results")
     assert run_benchmark.main(["run", "--preset", str(preset), "--out", out, "--seeds", "0", "1",
                                "--no-progress"]) == 0, capsys.readouterr().err[-2000:]
+    # a variant the preset does not run, in the same store: not the preset's entry
+    assert run_benchmark.main(["run", "--preset", str(preset), "--out", out, "--defenses", "random_noise:mode=class",
+                               "--no-progress"]) == 0, capsys.readouterr().err[-2000:]
 
     def published_seeds(*seeds: str) -> list[int]:
         entries = tmp_path / f"entries{len(seeds)}"
@@ -634,6 +651,8 @@ def test_leaderboard_seeds_widen_the_preset_grid(tmp_path, capsys):
 
     assert published_seeds() == [0], "without --seeds the preset's seeds are the grid"
     assert published_seeds("0", "1") == [0, 1], "--seeds 0 1 must publish both seeds"
+    assert sorted(p.name for p in (tmp_path / "entries2" / "seeds").glob("*.json")) == \
+        ["clean.json", "random_noise.json"], "only the preset's defenses are its entries"
     assert run_benchmark.main(["leaderboard", "--results", out, "--seeds", "0"]) == 2
     assert "--seeds needs --preset" in capsys.readouterr().err
     assert run_benchmark.main(["leaderboard", "--results", out, "--preset", str(preset), "--seeds", "0", "-1"]) == 2
