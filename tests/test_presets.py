@@ -68,6 +68,7 @@ def test_fashion_is_the_quick_grid_on_fashion_mnist_with_its_own_bait_and_ssc_bu
         if name not in ("bait", "ssc"):
             assert fields == quick.defense_protocol[name], f"{name}: fashion generates with quick's budget"
     cells = {c.defense.label: c.defense.plugin for c in plan(fashion, attacks=["scratch"])}
-    quick_cells = {c.defense.label: c.defense.plugin for c in plan(quick, attacks=["scratch"], backbones=["resnet_tiny"])}
+    quick_cells = {c.defense.label: c.defense.plugin
+                   for c in plan(quick, attacks=["scratch"], backbones=["resnet_tiny"])}
     for name in ("bait", "ssc"):
         assert cells[name] != quick_cells[name], f"{name}: fashion's budget is measured on Fashion-MNIST"
