@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -296,6 +297,19 @@ def test_committed_entries_load():
     assert board.scores["certified"].map(lambda c: c in (None, True, False)).all(), \
         f"certified must be True, False or None: {board.scores['certified'].tolist()}"
     assert set(ranking_frame(board)["certificate"]) <= {"pass", "FAILED", "-"}, "bad certificate column values"
+
+
+
+def test_the_readme_leaderboards_rest_on_three_seeds():
+    readme = (ENTRIES_DIR.parents[1] / "README.md").read_text()
+    groups = re.findall(r"^<!-- leaderboard:(\S+) -->$", readme, flags=re.M)
+    assert groups, "the README shows no leaderboard block"
+    scores = load_entries(ENTRIES_DIR).scores
+    for group in groups:
+        seeds = scores.loc[scores["group"] == group, ["defense", "seeds"]]
+        assert len(seeds) > 0, f"the README shows group {group!r}, which has no committed entries"
+        few = seeds[seeds["seeds"] < 3]
+        assert few.empty, f"{group}: the README leaderboard must rest on >= 3 seeds; fewer for {few.to_dict('records')}"
 
 
 def test_incomplete_grid_survives_the_entries(tmp_path):
