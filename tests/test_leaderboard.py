@@ -299,7 +299,6 @@ def test_committed_entries_load():
     assert set(ranking_frame(board)["certificate"]) <= {"pass", "FAILED", "-"}, "bad certificate column values"
 
 
-
 def test_the_readme_leaderboards_rest_on_three_seeds():
     readme = (ENTRIES_DIR.parents[1] / "README.md").read_text()
     groups = re.findall(r"^<!-- leaderboard:(\S+) -->$", readme, flags=re.M)
