@@ -125,10 +125,10 @@ QUICK_CM = dataclasses.replace(
 # The zoo pretrains on 20k other training images (in-domain, as ImageNet is for CIFAR). One backbone family,
 # resnet_tiny (mobilenet_tiny would double the cell time). SSC and BAIT get the budgets measured on
 # this data (docs/methods.md, "Fashion-MNIST"): SSC passes its certificate with 30 rounds of 20 steps (0.007; at
-# quick's 10 x 10, 0.0335). BAIT fails a gate at every budget tried: at quick's it binds too little (0.893 < 0.9,
-# mean cosine 0.172); where it binds, its class deltas grow alike (mean cosine 0.216-0.242 > 0.2). Here it binds with
-# twice quick's images once (bind rate 0.989, surrogate error 0.0003; mean cosine 0.24), but not again in the
-# preset's own runs (seeds 0 and 1: bind rate 0.253 and 0.534), so the fashion rows of bait are not ranked.
+# quick's 10 x 10, 0.0335). BAIT does not converge reliably: at quick's budget it binds too little (0.893 < 0.9,
+# mean cosine 0.172); where it binds, its class deltas often grow alike (mean cosine 0.216-0.242 > 0.2). With
+# twice quick's images it bound once in a probe (bind rate 0.989; mean cosine 0.24), and in the preset's own runs on
+# one seed of three (seeds 0, 1, 2: bind rate 0.253, 0.534, 0.951), so the fashion rows of bait are not ranked.
 FASHION_BUDGETS: dict[str, dict[str, Any]] = {
     "bait": {"train_portion": 0.3},
     "ssc": {"rounds": 30, "train_steps": 20},
