@@ -129,7 +129,10 @@ QUICK_CM = dataclasses.replace(
 # mean cosine 0.172); where it binds, its class deltas often grow alike (mean cosine 0.216-0.242 > 0.2). With
 # twice quick's images it bound once in a probe (bind rate 0.989; mean cosine 0.24), and in the preset's own runs on
 # one seed of three (seeds 0, 1, 2: bind rate 0.253, 0.534, 0.951), so the fashion rows of bait are not ranked.
+# REM's robust error sat at its gate with quick's 150 surrogate steps (0.100, 0.102, 0.103 on seeds 0-2), so it
+# trains twice as long here.
 FASHION_BUDGETS: dict[str, dict[str, Any]] = {
+    "rem": {"train_steps": 300},
     "bait": {"train_portion": 0.3},
     "ssc": {"rounds": 30, "train_steps": 20},
 }
