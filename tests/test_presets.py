@@ -58,17 +58,17 @@ def test_zoo_supervised_weights_from_timm_need_no_pool_and_enter_the_key(tmp_pat
         "timm and pool weights must not share a key"
 
 
-def test_fashion_is_the_quick_grid_on_fashion_mnist_with_its_own_bait_and_ssc_budgets():
+def test_fashion_is_the_quick_grid_on_fashion_mnist_with_its_own_rem_bait_and_ssc_budgets():
     quick, fashion = PRESETS.get("quick"), PRESETS.get("fashion")
     assert fashion.dataset.name == "fashion-mnist" and fashion.dataset.train_size == 10_000
     assert (fashion.defenses, fashion.attacks) == (quick.defenses, quick.attacks), "the whole quick cross product"
     assert fashion.attack_protocol == quick.attack_protocol and fashion.zoo == quick.zoo
     assert "glyphs" not in fashion.protocol_note and "Fashion-MNIST" in fashion.protocol_note
     for name, fields in fashion.defense_protocol.items():
-        if name not in ("bait", "ssc"):
+        if name not in ("rem", "bait", "ssc"):
             assert fields == quick.defense_protocol[name], f"{name}: fashion generates with quick's budget"
     cells = {c.defense.label: c.defense.plugin for c in plan(fashion, attacks=["scratch"])}
     quick_cells = {c.defense.label: c.defense.plugin
                    for c in plan(quick, attacks=["scratch"], backbones=["resnet_tiny"])}
-    for name in ("bait", "ssc"):
+    for name in ("rem", "bait", "ssc"):
         assert cells[name] != quick_cells[name], f"{name}: fashion's budget is measured on Fashion-MNIST"
