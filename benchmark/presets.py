@@ -123,7 +123,7 @@ QUICK_CM = dataclasses.replace(
 # fashion: the quick grid on real images. At 2.5k Fashion-MNIST images and 6 epochs little shows (clean
 # scratch 77 %, the best UE 41 %); at quick's 10k / 2k the UEs collapse scratch (docs/methods.md, "Fashion-MNIST").
 # The zoo pretrains on 20k other training images (in-domain, as ImageNet is for CIFAR). One backbone family,
-# resnet_tiny (mobilenet_tiny would double the cell time). SSC and BAIT get the budgets measured on
+# resnet_tiny (mobilenet_tiny would double the cell time). SSC, BAIT and REM get the budgets measured on
 # this data (docs/methods.md, "Fashion-MNIST"): SSC passes its certificate with 30 rounds of 20 steps (0.007; at
 # quick's 10 x 10, 0.0335). BAIT does not converge reliably: at quick's budget it binds too little (0.893 < 0.9,
 # mean cosine 0.172); where it binds, its class deltas often grow alike (mean cosine 0.216-0.242 > 0.2). With

@@ -64,11 +64,12 @@ def test_fashion_is_the_quick_grid_on_fashion_mnist_with_its_own_rem_bait_and_ss
     assert (fashion.defenses, fashion.attacks) == (quick.defenses, quick.attacks), "the whole quick cross product"
     assert fashion.attack_protocol == quick.attack_protocol and fashion.zoo == quick.zoo
     assert "glyphs" not in fashion.protocol_note and "Fashion-MNIST" in fashion.protocol_note
+    own_budgets = ("rem", "bait", "ssc")
     for name, fields in fashion.defense_protocol.items():
-        if name not in ("rem", "bait", "ssc"):
+        if name not in own_budgets:
             assert fields == quick.defense_protocol[name], f"{name}: fashion generates with quick's budget"
     cells = {c.defense.label: c.defense.plugin for c in plan(fashion, attacks=["scratch"])}
     quick_cells = {c.defense.label: c.defense.plugin
                    for c in plan(quick, attacks=["scratch"], backbones=["resnet_tiny"])}
-    for name in ("rem", "bait", "ssc"):
+    for name in own_budgets:
         assert cells[name] != quick_cells[name], f"{name}: fashion's budget is measured on Fashion-MNIST"
