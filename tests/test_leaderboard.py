@@ -15,7 +15,10 @@ import pandas as pd
 import pytest
 
 from benchmark.config import configure
+from benchmark.data import DatasetConfig
+from benchmark.plan import plan
 from benchmark.plugins import Check, certificate
+from benchmark.presets import load_preset
 from benchmark.registry import DEFENSES
 from benchmark.store import CellRecord, Store
 from leaderboard.build import board_from_store
@@ -670,3 +673,19 @@ def test_leaderboard_seeds_widen_the_preset_grid(tmp_path, capsys):
     assert "--seeds needs --preset" in capsys.readouterr().err
     assert run_benchmark.main(["leaderboard", "--results", out, "--preset", str(preset), "--seeds", "0", "-1"]) == 2
     assert "seeds must be one or more integers" in capsys.readouterr().err
+
+
+def test_committed_entries_hold_only_cells_their_preset_plans():
+    """A committed entry whose preset has since changed a budget would show a computation that
+    ``run --preset`` no longer makes; its cells must be run again and the entry republished."""
+    for path in sorted(ENTRIES_DIR.glob("*/*.json")):
+        entry = read_entry(path)
+        preset = load_preset(entry["preset"])
+        dataset = DatasetConfig(**entry["dataset_config"])
+        seeds = sorted({r["seed"] for r in entry["results"]})
+        planned = {c.key for c in plan(preset, dataset=dataset, seeds=seeds)}
+        stale = [f"{r['attack']} / {r['backbone']} / seed {r['seed']}" for r in entry["results"]
+                 if r["key"] not in planned]
+        assert not stale, (f"{path.relative_to(ENTRIES_DIR)}: {len(stale)} of {len(entry['results'])} cells are not "
+                           f"the computation preset {entry['preset']!r} plans now (another configuration), e.g. "
+                           f"{stale[0]}; run them again and --publish")
