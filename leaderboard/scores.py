@@ -278,7 +278,7 @@ def score(cells: pd.DataFrame, *, grid: pd.DataFrame | None = None,
             "worst_backbone": worst["backbone"] if worst is not None else "",
             "mean_accuracy": float(a["accuracy_mean"].mean()) if len(a) else float("nan"),
             "mean_std": float(per_seed.std()) if len(per_seed) > 1 else float("nan"),
-            "seeds": int(expected["seed"].nunique()),
+            "seeds": int(ok["seed"].nunique()),  # seeds measured (an incomplete grid may lack some)
             "min_protection": float(a["protection"].min()) if a["protection"].notna().any() else float("nan"),
             "mean_protection": float(a["protection"].mean()) if a["protection"].notna().any() else float("nan"),
             "chance": 100.0 / float(own["num_classes"].iloc[0]),

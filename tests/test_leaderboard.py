@@ -314,6 +314,17 @@ def test_the_readme_leaderboards_rest_on_three_seeds():
         assert few.empty, f"{group}: the README leaderboard must rest on >= 3 seeds; fewer for {few.to_dict('records')}"
 
 
+def test_seeds_counts_the_seeds_measured_not_those_planned(tmp_path):
+    """A defense missing a seed of the grid shows the seeds it has: an incomplete row must not claim the grid's."""
+    extra = [record("random_noise", "scratch", "b1", 1, 30.0), record("random_noise", "linear_probe", "b1", 1, 40.0),
+             record("clean", "scratch", "b1", 1, 90.0), record("clean", "linear_probe", "b1", 1, 80.0)]
+    board = board_of(make_store(tmp_path, extra=extra))
+    assert row(board, "random_noise")["seeds"] == 2, "both seeds were measured"
+    partial = row(board, "random_noise(mode=class)")
+    assert partial["cells_expected"] == 4 and not partial["complete"], "seed 1 is planned for every defense"
+    assert partial["seeds"] == 1, f"only seed 0 was measured, the row says {partial['seeds']}"
+
+
 def test_incomplete_grid_survives_the_entries(tmp_path):
     rows = dict(GRID)
     del rows[("random_noise", "linear_probe", "b1")]
