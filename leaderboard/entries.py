@@ -58,6 +58,20 @@ def entry_path(root: Path, group: str, defense: str) -> Path:
     return group_dir(root, group) / f"{slug(defense)}.json"
 
 
+def grid_dataset_config(cell_config: Mapping[str, Any], seed: int) -> dict[str, Any]:
+    """The data set config of the grid a cell of ``seed`` belongs to: a cell's own config carries its seed's
+    training sample (``DatasetConfig.for_seed``), which is not the grid's when the entry's first cell is not
+    of seed 0 (a grid published in parts)."""
+    d = dict(cell_config)
+    if d.get("train_sample_seed") is not None:
+        base = int(d["train_sample_seed"]) - int(seed)
+        if base == d.get("sample_seed"):
+            d.pop("train_sample_seed")  # seed 0's sample is drawn with sample_seed itself (DatasetConfig.key)
+        else:
+            d["train_sample_seed"] = base
+    return d
+
+
 def make_entries(board: Leaderboard) -> dict[tuple[str, str], dict[str, Any]]:
     """(group, defense label) -> entry."""
     out: dict[tuple[str, str], dict[str, Any]] = {}
@@ -76,7 +90,7 @@ def make_entries(board: Leaderboard) -> dict[tuple[str, str], dict[str, Any]]:
             "threat_model": {"norm": s.norm, "budget": s.budget, "granularity": s.granularity},
             "surrogate_threat_model": s.surrogate_threat_model,
             "group": s.group, "preset": s.preset, "dataset": s.dataset, "num_classes": _int_or_none(first["num_classes"]),
-            "chance_accuracy": s.chance, "dataset_config": dict(first["dataset_config"]),
+            "chance_accuracy": s.chance, "dataset_config": grid_dataset_config(first["dataset_config"], first["seed"]),
             "protocol": dict(board.presets.get(s.preset, {})),
             "score": {f: getattr(s, f) for f in SCORE_FIELDS},
             "attacks": dict(sorted(attacks.items())),

@@ -22,7 +22,8 @@ from benchmark.presets import load_preset
 from benchmark.registry import DEFENSES
 from benchmark.store import CellRecord, Store
 from leaderboard.build import board_from_store
-from leaderboard.entries import ENTRIES_DIR, load_entries, make_entries, read_entry, store_metadata, write_entries
+from leaderboard.entries import (ENTRIES_DIR, grid_dataset_config, load_entries, make_entries, read_entry, store_metadata,
+                                  write_entries)
 from leaderboard.plots import write_plots
 from leaderboard.scores import cells_from_store, protection, score
 from leaderboard.site import render
@@ -703,3 +704,12 @@ def test_committed_entries_hold_only_cells_their_preset_plans():
         assert not stale, (f"{path.relative_to(ENTRIES_DIR)}: {len(stale)} of {len(entry['results'])} cells are not "
                            f"the computation preset {entry['preset']!r} plans now (another configuration), e.g. "
                            f"{stale[0]}; run them again and --publish")
+
+
+@pytest.mark.parametrize("base", [DatasetConfig("shapes", sample_seed=3), DatasetConfig("shapes", train_sample_seed=7)])
+def test_an_entry_names_its_grid_data_whatever_seed_its_first_cell_has(base):
+    """A cell of seed s carries its own training sample's seed; the entry's data set is the grid's, the one
+    ``run --preset`` plans every seed from (a store's first cell may be of seed 1 when seed 0 came from an entry)."""
+    for seed in (0, 1, 2):
+        cell = base.for_seed(seed).key()
+        assert grid_dataset_config(cell, seed) == base.key(), f"seed {seed}: {cell} does not map back to the grid's"
