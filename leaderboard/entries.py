@@ -15,6 +15,7 @@ import logging
 import math
 import os
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -22,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from benchmark import PROTOCOL_VERSION, __version__
+from benchmark.data import DatasetConfig
 from benchmark.errors import UEBenchError
 from benchmark.plugins import info_problems
 from leaderboard.scores import (CELL_COLUMNS, CELL_KEYS, METADATA_FIELDS, SURROGATE_THREAT_MODELS, Leaderboard,
@@ -62,14 +64,8 @@ def grid_dataset_config(cell_config: Mapping[str, Any], seed: int) -> dict[str, 
     """The data set config of the grid a cell of ``seed`` belongs to: a cell's own config carries its seed's
     training sample (``DatasetConfig.for_seed``), which is not the grid's when the entry's first cell is not
     of seed 0 (a grid published in parts)."""
-    d = dict(cell_config)
-    if d.get("train_sample_seed") is not None:
-        base = int(d["train_sample_seed"]) - int(seed)
-        if base == d.get("sample_seed"):
-            d.pop("train_sample_seed")  # seed 0's sample is drawn with sample_seed itself (DatasetConfig.key)
-        else:
-            d["train_sample_seed"] = base
-    return d
+    cell = DatasetConfig(**cell_config)
+    return replace(cell, train_sample_seed=cell.train_seed - int(seed)).key()
 
 
 def make_entries(board: Leaderboard) -> dict[tuple[str, str], dict[str, Any]]:
