@@ -65,7 +65,7 @@ def grid_dataset_config(cell_config: Mapping[str, Any], seed: int) -> dict[str, 
     training sample (``DatasetConfig.for_seed``), which is not the grid's when the entry's first cell is not
     of seed 0 (a grid published in parts)."""
     cell = DatasetConfig(**cell_config)
-    return replace(cell, train_sample_seed=cell.train_seed - int(seed)).key()
+    return dict(sorted(replace(cell, train_sample_seed=cell.train_seed - int(seed)).key().items()))  # as stored
 
 
 def make_entries(board: Leaderboard) -> dict[tuple[str, str], dict[str, Any]]:
