@@ -15,7 +15,6 @@ import logging
 import math
 import os
 from collections import Counter
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -64,8 +63,7 @@ def grid_dataset_config(cell_config: Mapping[str, Any], seed: int) -> dict[str, 
     """The data set config of the grid a cell of ``seed`` belongs to: a cell's own config carries its seed's
     training sample (``DatasetConfig.for_seed``), which is not the grid's when the entry's first cell is not
     of seed 0 (a grid published in parts)."""
-    cell = DatasetConfig(**cell_config)
-    return dict(sorted(replace(cell, train_sample_seed=cell.train_seed - int(seed)).key().items()))  # as stored
+    return dict(sorted(DatasetConfig(**cell_config).seed_zero(int(seed)).key().items()))  # keys as stored
 
 
 def make_entries(board: Leaderboard) -> dict[tuple[str, str], dict[str, Any]]:

@@ -128,6 +128,10 @@ class DatasetConfig:
                                f"{self.train_seed} + {seed}, above {SAMPLE_SEED_MAX}")
         return replace(self, train_sample_seed=self.train_seed + seed)
 
+    def seed_zero(self, seed: int) -> DatasetConfig:
+        """The inverse of ``for_seed``: the config whose ``for_seed(seed)`` is this one (a cell's grid config)."""
+        return replace(self, train_sample_seed=self.train_seed - seed)
+
     def key(self) -> dict:
         """The fields that decide the content (the location of files does not).
 
