@@ -40,8 +40,12 @@ def leaderboard_command(args: argparse.Namespace) -> int:
             log.warning("--publish without a plannable --preset: the entries are written from the store alone")
         published = (args.entries, planned) if args.publish and planned is not None else None
         name = cells[0].preset if cells else args.preset  # a .toml file's cells carry its name
+        # with a plan, its protocol is the board's: published cells join only when they are its computation,
+        # and the record of an older cell (another protocol text, the same keys) must not stand for it
+        presets = {name: cells[0].preset_info.to_dict()} if cells else None
         board = board_from_store(args.results, preset=name, grid=grid, metadata_fallback=args.entries,
-                                 published=published, defenses=set(planned.values()) if planned else None)
+                                 published=published, defenses=set(planned.values()) if planned else None,
+                                 presets=presets)
         out = Path(args.out or Path(args.results) / "leaderboard")
         published = publish(board, out, [out / "entries"] + ([args.entries] if args.publish else []))
     else:

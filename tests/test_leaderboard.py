@@ -652,6 +652,38 @@ def test_publishing_a_grid_run_in_parts_keeps_the_cells_of_each_part(tmp_path, c
     assert json.loads(other.read_text()) == e and "mine" not in caplog.text, caplog.text
 
 
+def test_a_published_grid_states_its_plans_protocol_not_an_older_cells(tmp_path, capsys):
+    """A grid published in parts whose earlier part recorded an older protocol text (the preset's note was
+    reworded since; the computation, its key, is the same): the entry states the plan's protocol."""
+    import run_benchmark
+
+    preset = tmp_path / "note.toml"
+    preset.write_text('extends = "quick"\nname = "note"\nbackbones = ["resnet_tiny"]\n'
+                      'protocol_note = "the current protocol"\n'
+                      'defenses = ["clean"]\nattacks = ["scratch", "scratch:epochs=2"]\n'
+                      '[dataset]\ntrain_size = 40\ntest_size = 20\nsource_size = 40\n'
+                      '[attack_protocol.scratch]\nepochs = 1\n')
+    entries, path = tmp_path / "entries", tmp_path / "entries" / "note" / "clean.json"
+
+    def run_and_publish(store: str, attack: str) -> None:
+        out = str(tmp_path / store)
+        assert run_benchmark.main(["run", "--preset", str(preset), "--out", out, "--attacks", attack,
+                                   "--no-progress"]) == 0, capsys.readouterr().err[-2000:]
+        assert run_benchmark.main(["leaderboard", "--results", out, "--preset", str(preset), "--publish",
+                                   "--entries", str(entries), "--out", str(tmp_path / f"{store}-lb")]) == 0
+        capsys.readouterr()
+
+    run_and_publish("first", "scratch")
+    e = json.loads(path.read_text())
+    assert e["protocol"]["protocol_note"] == "the current protocol", e["protocol"]
+    e["protocol"]["protocol_note"] = "an older wording"  # as a part published before the note was reworded
+    path.write_text(json.dumps(e))
+    run_and_publish("second", "scratch:epochs=2")
+    e = read_entry(path)
+    assert len(e["results"]) == 2, "both parts are published"
+    assert e["protocol"]["protocol_note"] == "the current protocol", e["protocol"]
+
+
 def test_leaderboard_seeds_widen_the_preset_grid(tmp_path, capsys):
     """A store run with more seeds than its preset's is published whole with ``leaderboard --seeds``;
     without it, the preset's own seeds are the grid."""
