@@ -85,7 +85,7 @@ def make_entries(board: Leaderboard) -> dict[tuple[str, str], dict[str, Any]]:
             "surrogate_threat_model": s.surrogate_threat_model,
             "group": s.group, "preset": s.preset, "dataset": s.dataset, "num_classes": _int_or_none(first["num_classes"]),
             "chance_accuracy": s.chance, "dataset_config": grid_dataset_config(first["dataset_config"], first["seed"]),
-            "protocol": dict(board.presets.get(s.preset, {})),
+            "protocol": dict(sorted(board.presets.get(s.preset, {}).items())),  # the stored order, whatever the source
             "score": {f: getattr(s, f) for f in SCORE_FIELDS},
             "attacks": dict(sorted(attacks.items())),
             "grid": [{"attack": a, "backbone": b, "seed": int(sd)}

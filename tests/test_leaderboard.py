@@ -682,6 +682,7 @@ def test_a_published_grid_states_its_plans_protocol_not_an_older_cells(tmp_path,
     e = read_entry(path)
     assert len(e["results"]) == 2, "both parts are published"
     assert e["protocol"]["protocol_note"] == "the current protocol", e["protocol"]
+    assert list(e["protocol"]) == sorted(e["protocol"]), "the stored key order, so republishing changes no byte"
 
 
 def test_leaderboard_seeds_widen_the_preset_grid(tmp_path, capsys):
