@@ -578,11 +578,13 @@ def test_reproduce_reuses_finished_cells(figures_dir):
 
 def test_publishing_a_grid_run_in_parts_keeps_the_cells_of_each_part(tmp_path, capsys, caplog):
     """A grid run in two stores (two sessions, two machines) and published from each in turn: the entries
-    hold both parts; an entry's cell that is not the planned computation (its key differs) is dropped."""
+    hold both parts and state the plan's protocol; an entry's cell that is not the planned computation (its
+    key differs) is dropped."""
     import run_benchmark
 
     preset = tmp_path / "parts.toml"
     preset.write_text('extends = "quick"\nname = "parts"\nbackbones = ["resnet_tiny"]\n'
+                      'protocol_note = "the current protocol"\n'
                       'defenses = ["clean", "random_noise"]\nattacks = ["scratch", "scratch:epochs=2"]\n'
                       '[dataset]\ntrain_size = 40\ntest_size = 20\nsource_size = 40\n'
                       '[attack_protocol.scratch]\nepochs = 1\n')
@@ -599,6 +601,10 @@ def test_publishing_a_grid_run_in_parts_keeps_the_cells_of_each_part(tmp_path, c
     run_and_publish("first", "scratch")
     first = {d: read_entry(entries / "parts" / f"{d}.json")["results"] for d in ("clean", "random_noise")}
     assert all(len(r) == 1 for r in first.values()), first
+    for d in ("clean", "random_noise"):  # the first part as published before the note was reworded (same keys)
+        e = json.loads((entries / "parts" / f"{d}.json").read_text())
+        e["protocol"]["protocol_note"] = "an older wording"
+        (entries / "parts" / f"{d}.json").write_text(json.dumps(e))
     run_and_publish("second", "scratch:epochs=2")
     for d in ("clean", "random_noise"):
         e = read_entry(entries / "parts" / f"{d}.json")
@@ -607,6 +613,8 @@ def test_publishing_a_grid_run_in_parts_keeps_the_cells_of_each_part(tmp_path, c
         assert by_attack["scratch"] == first[d][0], f"{d}: the first part's cell must be kept as it was"
         assert e["score"]["complete"] and e["score"]["cells_ok"] == 2, e["score"]
         assert by_attack["scratch"]["clean_accuracy"] is not None, "the kept cell keeps its clean reference"
+        assert e["protocol"]["protocol_note"] == "the current protocol", f"{d}: the plan's, not an older cell's"
+        assert list(e["protocol"]) == sorted(e["protocol"]), "the stored key order: republishing changes no byte"
 
     # a cell of another configuration (its key is not the plan's) is not carried over
     path = entries / "parts" / "random_noise.json"
@@ -650,39 +658,6 @@ def test_publishing_a_grid_run_in_parts_keeps_the_cells_of_each_part(tmp_path, c
     assert run_benchmark.main(["leaderboard", "--results", str(tmp_path / "second"), "--preset", str(preset),
                                "--publish", "--entries", str(entries), "--out", str(tmp_path / "fifth-lb")]) == 0
     assert json.loads(other.read_text()) == e and "mine" not in caplog.text, caplog.text
-
-
-def test_a_published_grid_states_its_plans_protocol_not_an_older_cells(tmp_path, capsys):
-    """A grid published in parts whose earlier part recorded an older protocol text (the preset's note was
-    reworded since; the computation, its key, is the same): the entry states the plan's protocol."""
-    import run_benchmark
-
-    preset = tmp_path / "note.toml"
-    preset.write_text('extends = "quick"\nname = "note"\nbackbones = ["resnet_tiny"]\n'
-                      'protocol_note = "the current protocol"\n'
-                      'defenses = ["clean"]\nattacks = ["scratch", "scratch:epochs=2"]\n'
-                      '[dataset]\ntrain_size = 40\ntest_size = 20\nsource_size = 40\n'
-                      '[attack_protocol.scratch]\nepochs = 1\n')
-    entries, path = tmp_path / "entries", tmp_path / "entries" / "note" / "clean.json"
-
-    def run_and_publish(store: str, attack: str) -> None:
-        out = str(tmp_path / store)
-        assert run_benchmark.main(["run", "--preset", str(preset), "--out", out, "--attacks", attack,
-                                   "--no-progress"]) == 0, capsys.readouterr().err[-2000:]
-        assert run_benchmark.main(["leaderboard", "--results", out, "--preset", str(preset), "--publish",
-                                   "--entries", str(entries), "--out", str(tmp_path / f"{store}-lb")]) == 0
-        capsys.readouterr()
-
-    run_and_publish("first", "scratch")
-    e = json.loads(path.read_text())
-    assert e["protocol"]["protocol_note"] == "the current protocol", e["protocol"]
-    e["protocol"]["protocol_note"] = "an older wording"  # as a part published before the note was reworded
-    path.write_text(json.dumps(e))
-    run_and_publish("second", "scratch:epochs=2")
-    e = read_entry(path)
-    assert len(e["results"]) == 2, "both parts are published"
-    assert e["protocol"]["protocol_note"] == "the current protocol", e["protocol"]
-    assert list(e["protocol"]) == sorted(e["protocol"]), "the stored key order, so republishing changes no byte"
 
 
 def test_leaderboard_seeds_widen_the_preset_grid(tmp_path, capsys):
