@@ -69,6 +69,12 @@ def own_datasets() -> dict[str, str]:
     return {name: p.dataset.name for name, p in PRESETS.items()}
 
 
+def plan_presets(cells: Sequence[Cell]) -> dict[str, dict]:
+    """Each planned preset's description and protocol note, as the plan states them now (a store's or an
+    entry's record of the same computation may carry an older wording)."""
+    return {c.preset: c.preset_info.to_dict() for c in cells}
+
+
 def plan_grid(cells: Sequence[Cell]) -> pd.DataFrame:
     """The expected (group, attack, backbone, seed) of planned cells."""
     pairs = sorted({(c.preset, c.dataset.name) for c in cells})
@@ -178,7 +184,7 @@ def cells_board(results_dir: str | Path, cells: Sequence[Cell], *,
                 metadata_fallback: str | Path | None = ENTRIES_DIR) -> Leaderboard:
     """The board of exactly these planned cells (their plan is the expected grid) from the store."""
     return board_from_store(results_dir, keys=[c.key for c in cells], grid=plan_grid(cells),
-                            presets={c.preset: c.preset_info.to_dict() for c in cells},
+                            presets=plan_presets(cells),
                             metadata_fallback=metadata_fallback)
 
 

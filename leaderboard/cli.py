@@ -16,7 +16,7 @@ from benchmark.child import check_timeout
 from benchmark.errors import UEBenchError
 from benchmark.plan import check_seeds
 from benchmark.presets import Preset
-from leaderboard.build import board_from_store, plan_grid, preset_plan, publish, update_readme
+from leaderboard.build import board_from_store, plan_grid, plan_presets, preset_plan, publish, update_readme
 from leaderboard.entries import ENTRIES_DIR, load_entries
 from leaderboard.figures import FIGURES, reproduce
 from leaderboard.submit import submit
@@ -42,10 +42,9 @@ def leaderboard_command(args: argparse.Namespace) -> int:
         name = cells[0].preset if cells else args.preset  # a .toml file's cells carry its name
         # with a plan, its protocol is the board's: published cells join only when they are its computation,
         # and the record of an older cell (another protocol text, the same keys) must not stand for it
-        presets = {name: cells[0].preset_info.to_dict()} if cells else None
         board = board_from_store(args.results, preset=name, grid=grid, metadata_fallback=args.entries,
                                  published=published, defenses=set(planned.values()) if planned else None,
-                                 presets=presets)
+                                 presets=plan_presets(cells) if cells else None)
         out = Path(args.out or Path(args.results) / "leaderboard")
         published = publish(board, out, [out / "entries"] + ([args.entries] if args.publish else []))
     else:
